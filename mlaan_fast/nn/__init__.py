@@ -1,0 +1,1 @@
+"""Modules: auxiliary heads, EMA shadows, LAM."""
