@@ -78,10 +78,27 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 WITH_CUDA, WHY = want_cuda(CUDA_HOME)
 print(f"[mlaan_fast] CUDA kernels: {'yes' if WITH_CUDA else 'no'} ({WHY})", file=sys.stderr)
 
+def nvidia_wheel_includes():
+    """Header folders of the nvidia-* pip wheels torch depends on (cuBLAS, cuSPARSE, ...).
+
+    A minimal toolkit (nvcc + runtime) lacks the library headers that ATen's CUDA headers include;
+    the wheels torch itself runs on carry them."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for base in getattr(nvidia, "__path__", []):
+        found += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return [d for d in found if os.path.isdir(d)]
+
+
 cpp_sources = sorted(glob.glob("csrc/*.cpp"))
 cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard comes from torch (C++17 or C++20)
 define_macros = []
 if WITH_CUDA:
+    # Searched after the toolkit's own headers: they only fill in what a minimal toolkit lacks.
+    after_includes = [f for d in nvidia_wheel_includes() for f in ("-idirafter", d)]
     define_macros.append(("MLAAN_FAST_WITH_CUDA", "1"))
     ext = CUDAExtension(
         "mlaan_fast._C",
@@ -89,8 +106,9 @@ if WITH_CUDA:
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")],
         define_macros=define_macros,
         extra_compile_args={
-            "cxx": cxx_flags,
-            "nvcc": ["-O3", "--use_fast_math", "-lineinfo"],
+            "cxx": cxx_flags + after_includes,
+            "nvcc": ["-O3", "-lineinfo"]
+            + [f"-Xcompiler=-idirafter,{d}" for d in nvidia_wheel_includes()],
         },
         extra_link_args=["-fopenmp"],
     )

@@ -7,6 +7,19 @@ TORCH_LIBRARY(mlaan_fast, m) {
   // shadow[i] <- decay * shadow[i] + (1 - decay) * live[i], in place, for every i.
   m.def("ema_update_(Tensor(a!)[] shadow, Tensor[] live, float decay) -> ()");
   // --- aux_head_loss schemas (GAP -> Linear -> softmax cross-entropy) ---
+  // Per sample b: pooled = mean_hw(features[b]), logits = weight @ pooled + bias, lse = logsumexp,
+  // losses[b] = cross-entropy with label smoothing. Outputs in float32 (float64 if an input is).
+  m.def("aux_head_loss_forward(Tensor features, Tensor weight, Tensor? bias, Tensor target, float label_smoothing)"
+        " -> (Tensor losses, Tensor logits, Tensor pooled, Tensor lse)");
+  m.def("aux_head_loss_forward_out(Tensor features, Tensor weight, Tensor? bias, Tensor target, float label_smoothing,"
+        " Tensor(a!) losses, Tensor(b!) logits, Tensor(c!) pooled, Tensor(d!) lse) -> ()");
+  // d(features) from d(losses) [B] (+ d(logits) [B,N]), in features_dtype and layout.
+  m.def("aux_head_loss_backward_input(Tensor grad_losses, Tensor? grad_logits, Tensor logits, Tensor lse,"
+        " Tensor weight, Tensor target, float label_smoothing, SymInt[] features_shape,"
+        " ScalarType features_dtype, bool channels_last) -> Tensor");
+  // (d(weight) [N,C], d(bias) [N]) in the logits dtype, deterministic.
+  m.def("aux_head_loss_backward_params(Tensor grad_losses, Tensor? grad_logits, Tensor logits, Tensor lse,"
+        " Tensor pooled, Tensor target, float label_smoothing) -> (Tensor grad_weight, Tensor grad_bias)");
 }
 
 // `import mlaan_fast._C` loads the library, which runs the registrations above; the module

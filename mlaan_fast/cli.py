@@ -1,8 +1,12 @@
-"""The `mlaan-fast` command line."""
+"""The `mlaan-fast` command line: info, train, eval, plot."""
 from __future__ import annotations
 
 import argparse
 import sys
+
+import yaml
+
+S = argparse.SUPPRESS  # train flags not given stay absent, so recipe and --config values show through
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -13,18 +17,166 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_options(items: list[str]) -> dict:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--model-option: expected KEY=VALUE, got {item!r}")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """The resolved TrainConfig: recipe (or the resumed checkpoint's config) < --config file < flags."""
+    from mlaan_fast.train.checkpoint import load_checkpoint
+    from mlaan_fast.train.config import resolve_config
+
+    explicit = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "resume")}
+    if "model_options" in explicit:
+        explicit["model_options"] = _model_options(explicit["model_options"])
+    base = load_checkpoint(args.resume)["config"] if args.resume else None
+    return resolve_config(explicit, args.config, base=base)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or resume) a local-learning model; write runs/NAME/{config.yaml,metrics.*,summary.json,*.pt}."""
+    from mlaan_fast.train.loop import train
+
+    cfg = train_config_from_args(args)
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Load a checkpoint and print its test accuracy."""
+    from mlaan_fast.train.checkpoint import check_compatible, load_checkpoint
+    from mlaan_fast.train.config import TrainConfig
+    from mlaan_fast.train.data import build_datasets, build_loaders
+    from mlaan_fast.train.loop import build_for_config, evaluate, pick_device
+
+    state = load_checkpoint(args.checkpoint)
+    cfg = TrainConfig(**state["config"])
+    if args.data_dir:
+        cfg.data_dir = args.data_dir
+    device = pick_device(args.device)
+    train_set, test_set, info = build_datasets(cfg.dataset, cfg.data_dir)
+    model = build_for_config(cfg, info.num_classes, device, info)
+    check_compatible(state, model.config, path=args.checkpoint)
+    model.load_state_dict(state["model"])
+    batch = args.batch_size or cfg.batch_size
+    _, _, test_loader = build_loaders(train_set, test_set, batch, cfg.seed, args.workers,
+                                      pin_memory=device.type == "cuda")
+    loss, acc = evaluate(model, test_loader, device, cfg.amp, cfg.channels_last, info.num_classes)
+    print(f"{args.checkpoint}: {cfg.arch} {cfg.method} K={cfg.K}, epoch {state['epoch']}/{cfg.epochs}; "
+          f"{cfg.dataset} test accuracy {acc:.2f}% (loss {loss:.4f}, {len(test_set)} images)")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Overlay the metrics of one or more runs into loss/accuracy/throughput PNGs."""
+    from pathlib import Path
+
+    from mlaan_fast.train.plots import plot_runs
+
+    out = args.out or (Path(args.runs[0]) / "plots" if len(args.runs) == 1 else Path("runs") / "plots")
+    for path in plot_runs(args.runs, out):
+        print(path)
+    return 0
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from mlaan_fast.train.config import AMP_MODES, DATASETS, RECIPES
+
+    g = p.add_argument_group("what to train")
+    g.add_argument("--dataset", choices=DATASETS, default=S, help="default: digits (offline demo)")
+    g.add_argument("--data-dir", default=S, help="folder holding the dataset files (never downloaded)")
+    g.add_argument("--recipe", choices=RECIPES, default=S,
+                   help="hyper-parameter defaults: 'paper' (published recipe; default for cifar10/svhn/stl10/"
+                        "imagenet) or 'demo' (short run; default for digits/synthetic)")
+    g.add_argument("--config", default=None, help="YAML file of settings (e.g. runs/NAME/config.yaml)")
+    g.add_argument("--arch", default=S, help="resnet20/32/56/110 (CIFAR-style), resnet34/101/152 (ImageNet)")
+    g.add_argument("--method", default=S, help="e2e, dgl, infopro, mlaan, dgl+mlaan, infopro+mlaan")
+    g.add_argument("--K", "--k", dest="K", type=int, default=S, help="number of gradient-isolated modules")
+    g = p.add_argument_group("optimisation (defaults: the recipe)")
+    g.add_argument("--epochs", type=int, default=S)
+    g.add_argument("--batch-size", type=int, default=S, help="global batch, split over data-parallel ranks")
+    g.add_argument("--lr", type=float, default=S, help="peak learning rate (after warm-up)")
+    g.add_argument("--momentum", type=float, default=S)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=S)
+    g.add_argument("--weight-decay", type=float, default=S)
+    g.add_argument("--warmup-epochs", type=float, default=S, help="linear warm-up, then cosine to 0")
+    g.add_argument("--ema-decay", type=float, default=S, help="EMA momentum m of the LAM shadows")
+    g = p.add_argument_group("model options (defaults: the model's, from the paper)")
+    g.add_argument("--mlm", action=argparse.BooleanOptionalAction, default=S, help="cascaded windows on/off")
+    g.add_argument("--lam", action=argparse.BooleanOptionalAction, default=S, help="leap augmented modules")
+    g.add_argument("--s", type=int, default=S, help="cascade span (modules per window)")
+    g.add_argument("--w-ind", type=float, default=S, help="weight of the independent loss")
+    g.add_argument("--w-casc", type=float, default=S, help="weight of the cascaded loss")
+    g.add_argument("--lam-depth", type=int, default=S, help="blocks per LAM for non-preset (arch, K)")
+    g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=S, help="fused head ops")
+    g.add_argument("--schedule", default=S, help="window schedule of the model")
+    g.add_argument("--model-option", dest="model_options", action="append", default=S, metavar="KEY=VALUE",
+                   help="any other build_model option (repeatable; VALUE parsed as YAML)")
+    g = p.add_argument_group("speed and reproducibility")
+    g.add_argument("--amp", choices=AMP_MODES, default=S, help="mixed precision (fp16 uses a grad scaler)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=S)
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=S, help="torch.compile")
+    g.add_argument("--seed", type=int, default=S)
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=S,
+                   help="torch.use_deterministic_algorithms (bitwise-repeatable runs, slower)")
+    g.add_argument("--workers", type=int, default=S, help="DataLoader worker processes")
+    g.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument("--max-steps-per-epoch", type=int, default=S, help="cap on batches per epoch (short runs)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=S, help="run folder (default runs/<dataset>-<arch>-<method>-K<K>)")
+    g.add_argument("--resume", default=None, metavar="CHECKPOINT",
+                   help="continue exactly from runs/NAME/last.pt (its settings; flags given must agree)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlaan-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, build, devices and usable backends")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train a model (no arguments: a few-minute demo on offline digits)",
+                       description="Train with local learning. Without arguments: resnet20 + MLAAN (K=4) on "
+                                   "scikit-learn's digits, 4 epochs, on the CPU or GPU.")
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="test accuracy of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="runs/NAME/best.pt or last.pt")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: the one the run used)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot", help="PNG curves (loss, accuracy, images/s) of one or more runs, overlaid")
+    p.add_argument("runs", nargs="+", help="run folders holding metrics.jsonl")
+    p.add_argument("--out", default=None, help="PNG folder (default RUN/plots; runs/plots for several)")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mlaan_fast.train.checkpoint import CheckpointError
+    from mlaan_fast.train.data import DatasetNotFoundError
+    from mlaan_fast.train.loop import TrainingDiverged
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except TrainingDiverged as exc:
+        print(f"mlaan-fast {args.command}: {exc}", file=sys.stderr)
+        return 3
+    except (DatasetNotFoundError, CheckpointError, FileExistsError, FileNotFoundError, ValueError,
+            TypeError) as exc:
+        print(f"mlaan-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -18,7 +18,10 @@ import torch
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "MLAAN_FAST_BACKEND"
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("mlaan_fast_backend", default=None)
+# _UNSET: no use_backend block is active (the environment variable decides); None inside
+# `use_backend(None)`: automatic selection even when the environment variable is set.
+_UNSET = "<unset>"
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("mlaan_fast_backend", default=_UNSET)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -59,6 +62,13 @@ def _triton_import():
 
 def available_backends() -> dict[str, tuple[bool, str]]:
     """Every backend mapped to ``(usable, reason)`` on this machine."""
+    # Cached per (interpreter mode, CUDA visible): every op call asks, and the probe costs far
+    # more than a small kernel.
+    return dict(_probe_backends(triton_interpreted(), torch.cuda.is_available()))
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_backends(interpreted: bool, cuda_visible: bool) -> tuple[tuple[str, tuple[bool, str]], ...]:
     out = {"reference": (True, "plain PyTorch, always available")}
     module, why = load_extension()
     out["cpu"] = (module is not None, "C++ kernels in mlaan_fast._C" if module is not None else why)
@@ -66,20 +76,20 @@ def available_backends() -> dict[str, tuple[bool, str]]:
         out["cuda"] = (False, why)
     elif not extension_has_cuda():
         out["cuda"] = (False, "mlaan_fast._C was built without CUDA kernels (no toolkit, or MLAAN_FAST_SKIP_CUDA=1)")
-    elif not torch.cuda.is_available():
+    elif not cuda_visible:
         out["cuda"] = (False, "CUDA kernels are built but no CUDA device is visible")
     else:
         out["cuda"] = (True, f"CUDA kernels on {torch.cuda.get_device_name()}")
     ok, why = _triton_import()
     if not ok:
         out["triton"] = (False, why)
-    elif triton_interpreted():
+    elif interpreted:
         out["triton"] = (True, f"{why} in interpreter mode (TRITON_INTERPRET=1) on CPU tensors")
-    elif torch.cuda.is_available():
+    elif cuda_visible:
         out["triton"] = (True, f"{why} on {torch.cuda.get_device_name()}")
     else:
         out["triton"] = (False, f"{why}, but no CUDA device and TRITON_INTERPRET is not 1")
-    return out
+    return tuple(out.items())
 
 
 @contextlib.contextmanager
@@ -97,7 +107,7 @@ def use_backend(name: str | None):
 def forced_backend() -> str | None:
     """The backend forced by :func:`use_backend` or ``MLAAN_FAST_BACKEND``, or None."""
     name = _forced.get()
-    if name is None:
+    if name is _UNSET:
         name = os.environ.get(ENV_VAR) or None
         if name is not None:
             _check_name(name, ENV_VAR)

@@ -1,0 +1,160 @@
+"""Benchmark the fused auxiliary-head loss (GAP -> Linear -> cross-entropy), forward + backward.
+
+Providers: ``eager`` (AdaptiveAvgPool2d -> Flatten -> Linear -> CrossEntropy in PyTorch),
+``compile`` and ``compile-max-autotune`` (torch.compile of that composition), and ours
+(``cuda``, ``triton`` on GPU; ``cpu`` on CPU). Rows go to ``results/aux_head.csv``: time
+(p50/p20/p80 ms), peak memory above the inputs (GPU: torch.cuda.max_memory_allocated),
+GB/s of the feature read + gradient write against measured copy bandwidth, and the ratio of
+each of ours to every baseline.
+
+    python benchmarks/bench_aux_head.py [--quick] [--device cpu|cuda] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._common import CsvWriter, bench, copy_bandwidth_gbs, device_name  # noqa: E402
+from mlaan_fast.ops import aux_head_loss, available_backends, use_backend  # noqa: E402
+
+# (B, C, H, W, N): CIFAR ResNet module outputs at batch 1024, ImageNet ResNet head at batch 256.
+GPU_SHAPES = [(1024, 16, 32, 32, 10), (1024, 32, 16, 16, 10), (1024, 64, 8, 8, 10), (256, 512, 7, 7, 1000)]
+CPU_SHAPES = [(256, 64, 8, 8, 10)]
+BASELINES = ("eager", "compile", "compile-max-autotune")
+
+
+def composition(x, w, b, t):
+    pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
+    return F.cross_entropy(F.linear(pooled, w, b), t)
+
+
+def make_step(loss_fn, x, w, b, t, backend=None):
+    def step():
+        with use_backend(backend):
+            loss = loss_fn(x, w, b, t)
+        return torch.autograd.grad(loss, (x, w, b))
+
+    return step
+
+
+def peak_extra_bytes(step, device):
+    """Peak bytes allocated above what was live before the step (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return peak
+
+
+def run_shape(shape, device, dtype, layout, writer, copy_gbs, quick, providers=None, profile=False):
+    B, C, H, W, N = shape
+    label = f"B{B}-C{C}-{H}x{W}-N{N}-{str(dtype).replace('torch.', '')}-{layout}"
+    x = torch.randn(B, C, H, W, device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = (torch.randn(N, C, device=device) / C ** 0.5).requires_grad_()
+    b = torch.zeros(N, device=device, requires_grad=True)
+    t = torch.randint(0, N, (B,), device=device)
+
+    steps = {"eager": make_step(composition, x, w, b, t)}
+    if not (quick and device.type == "cpu"):
+        steps["compile"] = make_step(torch.compile(composition), x, w, b, t)
+        steps["compile-max-autotune"] = make_step(torch.compile(composition, mode="max-autotune-no-cudagraphs"), x, w, b, t)
+    avail = available_backends()
+    ours = ["cuda", "triton"] if device.type == "cuda" else ["cpu"]
+    for name in ours:
+        if avail[name][0]:
+            steps[name] = make_step(aux_head_loss, x, w, b, t, backend=name)
+        else:
+            print(f"  {name}: unavailable ({avail[name][1]})")
+    if providers:
+        steps = {k: v for k, v in steps.items() if k in providers}
+
+    rep_ms = 60 if quick else 300
+    times = {}
+    feature_bytes = 2 * x.numel() * x.element_size()
+    for name, step in steps.items():
+        try:
+            step()  # compile / warm up
+            p50, p20, p80 = bench(step, device, warmup_ms=25, rep_ms=rep_ms)
+        except Exception as exc:  # a failing baseline is reported, not fatal
+            print(f"  {name}: failed ({type(exc).__name__}: {exc})")
+            writer.add("aux_head_loss", name, label, "fwd+bwd", "ms", float("nan"), note=f"failed: {type(exc).__name__}")
+            continue
+        times[name] = p50
+        gbs = feature_bytes / (p50 * 1e-3) / 1e9
+        writer.add("aux_head_loss", name, label, "fwd+bwd", "ms", p50, p20, p80)
+        writer.add("aux_head_loss", name, label, "feature_read_write", "GB/s", gbs,
+                   note=f"{100 * gbs / copy_gbs:.1f}% of measured copy bandwidth {copy_gbs:.0f} GB/s")
+        peak = peak_extra_bytes(step, device)
+        if peak is not None:
+            writer.add("aux_head_loss", name, label, "peak_memory_above_inputs", "MiB", peak / 2 ** 20,
+                       note="torch.cuda.max_memory_allocated minus memory_allocated before the step")
+        print(f"  {name:>22}: {p50:8.3f} ms  ({p20:.3f}-{p80:.3f})  {gbs:7.1f} GB/s"
+              + (f"  peak +{peak / 2 ** 20:.1f} MiB" if peak is not None else ""))
+    if profile and device.type == "cuda":
+        for name in ours:
+            if name in steps:
+                print_kernel_times(name, steps[name])
+    for name in ours:
+        if name not in times:
+            continue
+        for base in BASELINES:
+            if base in times:
+                ratio = times[base] / times[name]
+                writer.add("aux_head_loss", name, label, f"speedup_vs_{base}", "x", ratio)
+                print(f"  {name} vs {base}: {ratio:.2f}x")
+
+
+def print_kernel_times(name, step, iters=20):
+    """Per-kernel CUDA time of one step, from the profiler (for finding the slow piece)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    print(f"  kernels of {name} (mean per step over {iters} steps):")
+    for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
+        print(f"    {ev.device_time_total / iters:9.1f} us  x{ev.count // iters}  {ev.key[:90]}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short timing; on CPU skip the compiled baselines")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="folder for aux_head.csv (default benchmarks/results)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
+    parser.add_argument("--providers", default="", help="comma list to run (default: all)")
+    parser.add_argument("--profile", action="store_true", help="print per-kernel CUDA times of ours")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    writer = CsvWriter("aux_head", device, args.out)
+    copy_gbs = copy_bandwidth_gbs(device, numel=1 << (26 if device.type == "cuda" else 23))
+    print(f"aux_head_loss fwd+bwd on {device_name(device)}; copy bandwidth {copy_gbs:.1f} GB/s")
+    writer.add("copy", "torch", "fp32", "bandwidth", "GB/s", copy_gbs)
+    for shape in GPU_SHAPES if device.type == "cuda" else CPU_SHAPES:
+        print(f"shape B,C,H,W,N = {shape}")
+        run_shape(shape, device, dtype, args.layout, writer, copy_gbs, args.quick,
+                  providers=[p for p in args.providers.split(",") if p], profile=args.profile)
+    print(f"rows appended to {writer.path}")
+
+
+if __name__ == "__main__":
+    main()

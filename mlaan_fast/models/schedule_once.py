@@ -1,0 +1,97 @@
+"""The forward-once schedule: every module runs forward once per iteration, exactly the published gradients.
+
+Within one iteration the weights do not change, so every forward of module m in the published
+schedule computes the same o_m; only the autograd graphs differ. Here module m runs once on a
+detached leaf z_m = stopgrad(o_{m-1}) and its graph is kept until the last window that reaches it
+has been back-propagated. Each objective term at module j is a *stream*: a cotangent at o_j that
+must travel down to its window's first module and no further (the independent term stops at j,
+the cascaded term at ``window.start``). Two facts make this cheap and exact:
+
+* the vector-Jacobian product is linear, so the parameter gradient of module m is one backward of
+  the sum of every stream that reaches o_m (done once, when the last stream has arrived);
+* a stream that must go on below m needs only the input-gradient VJP of module m (no weight
+  gradients), taken per distinct window start since streams stop at different modules.
+
+Per middle module and s = 2 that is 1 forward + 1 parameter backward + 1 input-only backward,
+instead of 3 forwards + 3 full backwards. BatchNorm running statistics are updated once per
+module per iteration (the published schedule updates them s+1 times with identical batch
+statistics).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _reach(windows, num_modules: int) -> tuple[list[int], list[bool]]:
+    """For module m: the step (window index) after which no more gradient reaches it (-1: never), and
+    whether some stream passes through m to module m-1 (then m's input leaf needs a gradient)."""
+    done_at, passes = [-1] * num_modules, [False] * num_modules
+    for w in windows:
+        starts = ([w.index] if w.ind_weight is not None else []) + ([w.start] if w.start is not None else [])
+        for start in starts:
+            for m in range(start, w.index + 1):
+                done_at[m] = max(done_at[m], w.index)
+                passes[m] = passes[m] or start < m
+    return done_at, passes
+
+
+def once(model, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None) -> dict:
+    """Forward each module once, back-propagate every window's objective exactly as far as it reaches."""
+    modules = model.local_modules
+    windows = {w.index: w for w in model.windows}
+    done_at, passes = _reach(model.windows, len(modules))
+    graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # m -> (input leaf, output) until done
+    pending: dict[int, torch.Tensor] = {}  # m -> sum of the cotangents that reached o_m so far
+    module_losses = [images.new_zeros((), dtype=torch.float32) for _ in modules]
+    logits, h = None, images
+    with torch.enable_grad():
+        for j, module in enumerate(modules):
+            z = h.detach().requires_grad_(passes[j]) if j > 0 else h
+            with torch.set_grad_enabled(done_at[j] >= 0):
+                h = module(z)
+            if done_at[j] >= 0:
+                graphs[j] = (z, h)
+            window = windows.get(j)
+            if window is None:
+                continue
+            # Cascaded term first: its stream completes module start and frees that graph before the
+            # independent head (as heavy as the DGL head can be) is built.
+            terms = []
+            if window.start is not None:
+                terms.append((window.start, window.casc_weight, model.cascade_loss))
+            if window.ind_weight is not None:
+                terms.append((j, window.ind_weight, model.independent_loss))
+            objective = 0.0
+            for n, (start, weight, loss_fn) in enumerate(terms):
+                leaf = h.detach().requires_grad_()
+                loss, term_logits = loss_fn(j, leaf, images, targets)
+                term = weight * loss
+                (term if grad_scaler is None else grad_scaler.scale(term)).backward()
+                objective = objective + term.detach().float()
+                logits = term_logits if term_logits is not None else logits  # the independent one last
+                if leaf.grad is not None:
+                    _propagate(modules, graphs, pending, start, leaf.grad, j, done_at, last_term=n + 1 == len(terms))
+                del leaf, loss, term
+            module_losses[j] = objective
+    if graphs:  # cannot happen for windows built by make_windows; guards hand-made window lists
+        raise RuntimeError(f"schedule 'once': modules {sorted(graphs)} kept a graph past their last window")
+    return {
+        "loss": torch.stack(module_losses).sum(),
+        "module_losses": module_losses,
+        "logits": None if logits is None else logits.detach(),
+    }
+
+
+def _propagate(modules, graphs, pending, start, cotangent, j, done_at, last_term) -> None:
+    """Carry one stream (a cotangent at o_j that stops at module ``start``) down through modules
+    j, j-1, ..., start; finish each module whose last stream has arrived with one parameter
+    backward, which also frees its graph (module j itself only after the window's last term)."""
+    for m in range(j, start - 1, -1):
+        z, out = graphs[m]
+        pending[m] = cotangent if m not in pending else pending[m] + cotangent
+        if m > start:  # input-only VJP; the graph stays for the parameter backward
+            (cotangent,) = torch.autograd.grad(out, z, grad_outputs=cotangent, retain_graph=True)
+        if done_at[m] == j and (m < j or last_term):
+            params = [p for p in modules[m].parameters() if p.requires_grad]
+            torch.autograd.backward(out, grad_tensors=pending.pop(m), inputs=params)
+            del graphs[m]

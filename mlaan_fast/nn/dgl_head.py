@@ -1,0 +1,45 @@
+"""DGL auxiliary head: 3 x (1x1 conv, BN, ReLU) -> GAP -> 3 x (Linear, BN1d, ReLU) -> Linear -> CE."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlaan_fast.ops import aux_head_loss
+
+
+def _fp32_or_wider(x: torch.Tensor) -> torch.Tensor:
+    """Losses are computed in fp32 (fp64 stays fp64, for exact gradient tests)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+class DGLAuxHead(nn.Module):
+    """Loss of the DGL head on features [B,C,H,W] with int64 targets [B]; the last Linear + CE is fused."""
+
+    def __init__(self, in_channels: int, num_classes: int, *, conv_channels: int = 128,
+                 hidden: int = 512, depth: int = 3, fused: bool = True):
+        super().__init__()
+        convs, c = [], in_channels
+        for _ in range(depth):
+            convs += [nn.Conv2d(c, conv_channels, 1, bias=False), nn.BatchNorm2d(conv_channels),
+                      nn.ReLU(inplace=True)]
+            c = conv_channels
+        self.convs = nn.Sequential(*convs)
+        mlp = []
+        for _ in range(depth):
+            mlp += [nn.Linear(c, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+            c = hidden
+        self.mlp = nn.Sequential(*mlp)
+        self.fc = nn.Linear(c, num_classes)
+        self.fused = fused
+        for m in self.convs.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, features: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean"):
+        """features [B,C,H,W], target int64 [B] -> loss (0-dim fp32 for "mean"/"sum")."""
+        pooled = self.convs(features).mean(dim=(2, 3))
+        hidden = self.mlp(pooled)
+        if self.fused:
+            return aux_head_loss(hidden, self.fc.weight, self.fc.bias, target, reduction=reduction)
+        return F.cross_entropy(_fp32_or_wider(self.fc(hidden)), target, reduction=reduction)

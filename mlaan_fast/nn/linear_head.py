@@ -1,0 +1,35 @@
+"""Linear auxiliary head: global-average-pool -> Linear -> softmax cross-entropy, fused or plain."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mlaan_fast.ops.aux_head import aux_head_loss
+
+
+class LinearAuxHead(nn.Module):
+    """Drop-in for ``AdaptiveAvgPool2d(1) -> Flatten -> Linear -> CrossEntropyLoss``; state is ``fc.*``."""
+
+    def __init__(self, in_channels: int, num_classes: int, bias: bool = True, fused: bool = True):
+        super().__init__()
+        self.fc = nn.Linear(in_channels, num_classes, bias=bias)
+        self.fused = fused
+
+    def forward(self, features: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean",
+                return_correct: bool = False):
+        """features [B,C,H,W] or [B,C]; target int64 [B] -> loss, or (loss, correct: 0-dim int64)."""
+        if self.fused:
+            loss, logits = aux_head_loss(features, self.fc.weight, self.fc.bias, target, reduction=reduction,
+                                         return_logits=True)
+        else:
+            pooled = F.adaptive_avg_pool2d(features, 1).flatten(1) if features.dim() == 4 else features
+            logits = self.fc(pooled)
+            loss = F.cross_entropy(logits, target, reduction=reduction)
+        if not return_correct:
+            return loss
+        correct = (logits.detach().argmax(dim=1) == target).sum()
+        return loss, correct
+
+    def extra_repr(self) -> str:
+        return f"fused={self.fused}"

@@ -1,0 +1,151 @@
+"""Backend discovery, forcing (context manager and environment variable) and the `mlaan-fast info` report."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mlaan_fast.ops as ops
+from mlaan_fast.cli import main as cli_main
+from mlaan_fast.ops import _backend
+from mlaan_fast.ops import BACKENDS, BackendUnavailableError, available_backends, select_backend, use_backend
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _no_env_force(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+
+
+def _fake_avail(monkeypatch, **usable):
+    table = {name: (usable.get(name, True), f"{name} {'works' if usable.get(name, True) else 'is broken'} here")
+             for name in BACKENDS}
+    monkeypatch.setattr(_backend, "available_backends", lambda: dict(table))
+
+
+def test_available_backends_reports_every_backend():
+    avail = available_backends()
+    assert set(avail) == {"reference", "cpu", "cuda", "triton"} == set(BACKENDS)
+    for name, (usable, reason) in avail.items():
+        assert isinstance(usable, bool) and isinstance(reason, str) and reason, name
+    assert avail["reference"][0]
+    if not torch.cuda.is_available():
+        assert not avail["cuda"][0]
+    # The answer is a fresh dict: callers may not corrupt the cache.
+    avail["reference"] = (False, "x")
+    assert available_backends()["reference"][0]
+
+
+def test_automatic_selection(monkeypatch):
+    _fake_avail(monkeypatch)
+    monkeypatch.setattr(_backend, "triton_interpreted", lambda: False)
+    assert select_backend("op", CPU) == "cpu"
+    assert select_backend("op", CUDA) == "cuda"
+    assert select_backend("op", CUDA, gpu_order=("triton", "cuda")) == "triton"
+    _fake_avail(monkeypatch, cuda=False)
+    assert select_backend("op", CUDA) == "triton"
+    _fake_avail(monkeypatch, cuda=False, triton=False, cpu=False)
+    assert select_backend("op", CUDA) == "reference"
+    assert select_backend("op", CPU) == "reference"
+
+
+def test_use_backend_forces_and_restores():
+    assert _backend.forced_backend() is None
+    with use_backend("reference"):
+        assert _backend.forced_backend() == "reference"
+        assert select_backend("op", CPU) == "reference"
+        with use_backend(None):
+            assert _backend.forced_backend() is None
+        with use_backend("reference"):
+            pass
+        assert _backend.forced_backend() == "reference"
+    assert _backend.forced_backend() is None
+    with pytest.raises(RuntimeError, match="boom"), use_backend("reference"):
+        raise RuntimeError("boom")
+    assert _backend.forced_backend() is None
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_VAR, "reference")
+    assert select_backend("op", CPU) == "reference"
+    with use_backend(None):  # an explicit automatic block wins over the environment
+        assert select_backend("op", CPU) == ("cpu" if available_backends()["cpu"][0] else "reference")
+    monkeypatch.setenv(_backend.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match=r"MLAAN_FAST_BACKEND: unknown backend 'fastest'"):
+        select_backend("op", CPU)
+    monkeypatch.setenv(_backend.ENV_VAR, "")
+    assert _backend.forced_backend() is None
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match=r"unknown backend 'gpu'.*reference, cpu, cuda, triton"):
+        with use_backend("gpu"):
+            pass
+
+
+def test_forcing_unusable_backend_raises(monkeypatch):
+    _fake_avail(monkeypatch, cpu=False)
+    with use_backend("cpu"), pytest.raises(BackendUnavailableError, match=r"'cpu' was forced.*cpu is broken here"):
+        select_backend("ema_update_", CPU)
+    with use_backend("cpu"), pytest.raises(BackendUnavailableError, match="ema_update_"):
+        ops.ema_update_([torch.zeros(2)], [torch.zeros(2)], 0.5)
+
+
+def test_forcing_backend_on_wrong_device_raises(monkeypatch):
+    with use_backend("cuda"), pytest.raises(BackendUnavailableError, match="cuda"):
+        select_backend("op", CPU)
+    _fake_avail(monkeypatch)
+    with use_backend("cpu"), pytest.raises(BackendUnavailableError, match="cannot run on cuda tensors"):
+        select_backend("op", CUDA)
+    monkeypatch.setattr(_backend, "triton_interpreted", lambda: False)
+    with use_backend("triton"), pytest.raises(BackendUnavailableError, match="interpreter mode"):
+        select_backend("op", CPU)
+
+
+def test_real_unusable_backend_is_an_error():
+    """Without monkeypatching: whatever is unusable on this machine cannot be forced."""
+    for name, (usable, why) in available_backends().items():
+        if not usable:
+            with use_backend(name), pytest.raises(BackendUnavailableError, match="unavailable"):
+                select_backend("op", CUDA if name in ("cuda", "triton") else CPU)
+
+
+def test_ops_route_through_the_forced_backend(monkeypatch):
+    import mlaan_fast.ops.ema as ema
+
+    seen = []
+    monkeypatch.setattr(ema, "_reference", lambda s, t, d: seen.append("reference"))
+    with use_backend("reference"):
+        ops.ema_update_([torch.zeros(2)], [torch.zeros(2)], 0.5)
+    assert seen == ["reference"]
+
+
+def test_info_command_lists_every_backend(capsys):
+    assert cli_main(["info"]) == 0
+    out = capsys.readouterr().out
+    _check_info(out)
+
+
+def test_info_command_entry_point():
+    out = subprocess.run([sys.executable, "-m", "mlaan_fast", "info"], capture_output=True, text=True,
+                         timeout=120, env={**_env(), _backend.ENV_VAR: "reference"})
+    assert out.returncode == 0, out.stderr
+    _check_info(out.stdout)
+    assert "forced by MLAAN_FAST_BACKEND: reference" in out.stdout
+
+
+def _check_info(out):
+    assert "torch" in out and "backends:" in out
+    lines = out[out.index("backends:"):].splitlines()[1:]
+    for name, (usable, reason) in available_backends().items():
+        row = [line for line in lines if line.split() and line.split()[0] == name]
+        assert len(row) == 1, (name, out)
+        assert ("yes" if usable else "no") == row[0].split()[1]
+
+
+def _env():
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != _backend.ENV_VAR}
