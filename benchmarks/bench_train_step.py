@@ -25,6 +25,7 @@ Rows go to ``<out>/train_step.csv`` (op="train_step", provider="<method>/<varian
 shape="<arch> K=<K> B=<B> <dtype>"); ratios (``step_time_vs_e2e``, ``speedup_vs_straightforward``)
 are rows too, always between numbers of this process on this device. End-to-end has K=1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,7 @@ VARIANT_OPTIONS = {
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
-MIB = 2.0 ** 20
+MIB = 2.0**20
 
 
 class BudgetSpent(Exception):
@@ -105,7 +106,9 @@ def _loop_ema(shadows):
     shadow parameters from the EMAShadow's flat buffer (left stale and unused, and not counted by
     :func:`state_bytes`); the shadow modules read their parameters, so the training is unchanged.
     """
-    pairs = [(shadow.decay, s, q) for shadow in shadows for s, q in zip(shadow.views(), shadow.live_parameters())]
+    pairs = [
+        (shadow.decay, s, q) for shadow in shadows for s, q in zip(shadow.views(), shadow.live_parameters())
+    ]
 
     def update():
         with torch.no_grad():
@@ -119,8 +122,9 @@ def build(arch: str, K: int, method: str, variant: str, device: torch.device):
     """The model (or a reason it cannot be built) and its step function's EMA update."""
     from mlaan_fast.models import build_model
 
-    model = build_model(arch, num_classes=10, K=1 if method == "e2e" else K, method=method,
-                        **VARIANT_OPTIONS[variant])
+    model = build_model(
+        arch, num_classes=10, K=1 if method == "e2e" else K, method=method, **VARIANT_OPTIONS[variant]
+    )
     model = model.to(device).train()
     if variant == "straightforward":
         ema = _loop_ema(_shadows(model))
@@ -135,7 +139,9 @@ def make_step(model, ema, images, targets, autocast_dtype, device):
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with torch.autocast(
+            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        ):
             out = model.local_step(images, targets)
         optimizer.step()
         ema()
@@ -169,7 +175,9 @@ def _key(t: torch.Tensor) -> tuple[str, int]:
     return str(t.device), t.untyped_storage().data_ptr()
 
 
-def time_steps(step, device, budget, *, warmup: int, reps: int, min_reps: int, max_seconds: float) -> list[float]:
+def time_steps(
+    step, device, budget, *, warmup: int, reps: int, min_reps: int, max_seconds: float
+) -> list[float]:
     """Milliseconds per step, back to back (CUDA events on GPU, wall clock on CPU).
 
     Stops at ``reps`` steps, or after ``max_seconds`` once ``min_reps`` are done, or when the budget
@@ -223,14 +231,27 @@ def measure(arch, K, method, variant, dtype_name, args, device, budget):
     n_inference = sum(p.numel() for p in model.inference_parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     budget.check()
-    times = time_steps(step, device, budget, warmup=args.warmup, reps=args.reps, min_reps=args.min_reps,
-                       max_seconds=args.max_seconds)
+    times = time_steps(
+        step,
+        device,
+        budget,
+        warmup=args.warmup,
+        reps=args.reps,
+        min_reps=args.min_reps,
+        max_seconds=args.max_seconds,
+    )
     del model, ema, step, optimizer, images, targets
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return dict(times=times, act_peak=act_peak, cuda_peak=cuda_peak, total=total,
-                n_inference=n_inference, n_trainable=n_trainable)
+    return dict(
+        times=times,
+        act_peak=act_peak,
+        cuda_peak=cuda_peak,
+        total=total,
+        n_inference=n_inference,
+        n_trainable=n_trainable,
+    )
 
 
 def plan(args):
@@ -242,7 +263,9 @@ def plan(args):
     can be written as soon as each number exists.
     """
     configs = [(a, k) for a, k in CONFIGS if a in args.archs and (not args.ks or k in args.ks)]
-    groups = [(c, d) for c in configs[:2] for d in args.dtypes] + [(c, d) for c in configs[2:] for d in args.dtypes]
+    groups = [(c, d) for c in configs[:2] for d in args.dtypes] + [
+        (c, d) for c in configs[2:] for d in args.dtypes
+    ]
     runs, e2e_done = [], set()
     for (arch, K), dtype_name in groups:
         for method in args.methods:
@@ -279,7 +302,9 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16 (GPU default both, CPU fp32)")
     p.add_argument("--batch-size", type=int, default=None, help="default 1024 on GPU, 64 on CPU")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU (default: torch's)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads on CPU (default: torch's)"
+    )
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
 
@@ -297,27 +322,38 @@ def main(argv=None) -> int:
     args.methods = [m for m in args.methods.split(",") if m]
     args.variants = [v for v in args.variants.split(",") if v]
     args.dtypes = args.dtypes.split(",") if args.dtypes else (["bf16", "fp32"] if on_gpu else ["fp32"])
-    for name, chosen, allowed in (("methods", args.methods, METHODS), ("variants", args.variants, VARIANTS),
-                                  ("dtypes", args.dtypes, list(DTYPES))):
+    for name, chosen, allowed in (
+        ("methods", args.methods, METHODS),
+        ("variants", args.variants, VARIANTS),
+        ("dtypes", args.dtypes, list(DTYPES)),
+    ):
         bad = [c for c in chosen if c not in allowed]
         if bad:
             p.error(f"--{name}: unknown {bad}; choose from {allowed}")
-    args.warmup, args.reps, args.min_reps, args.max_seconds = (0, 5, 3, 4.0) if args.quick else (2, 30, 5, 15.0)
+    args.warmup, args.reps, args.min_reps, args.max_seconds = (
+        (0, 5, 3, 4.0) if args.quick else (2, 30, 5, 15.0)
+    )
 
     budget = Budget(args.budget)
     if "scheduled" in args.variants:
         ok, why = scheduler_supported()
         if not ok:
-            print(f"note: variant 'scheduled' skipped: build_model does not accept schedule='once' yet ({why})")
+            print(
+                f"note: variant 'scheduled' skipped: build_model does not accept schedule='once' yet ({why})"
+            )
             args.variants = [v for v in args.variants if v != "scheduled"]
 
     writer = CsvWriter("train_step", device, args.out)
     dev = device_name(device)
-    print(f"train step on {dev}, torch {torch.__version__}, batch {args.batch_size}"
-          + (f", budget {args.budget:.0f} s" if args.budget else ""))
-    print(f"{'config':<34} {'method/variant':<30} {'ms p50':>9} {'img/s':>9} {'act MiB':>9} "
-          f"{'alloc MiB':>9} {'total MiB':>9} {'vs e2e':>7} {'vs straight':>11}")
-    e2e_ms: dict[tuple, float] = {}       # (arch, dtype, variant) -> p50 ms
+    print(
+        f"train step on {dev}, torch {torch.__version__}, batch {args.batch_size}"
+        + (f", budget {args.budget:.0f} s" if args.budget else "")
+    )
+    print(
+        f"{'config':<34} {'method/variant':<30} {'ms p50':>9} {'img/s':>9} {'act MiB':>9} "
+        f"{'alloc MiB':>9} {'total MiB':>9} {'vs e2e':>7} {'vs straight':>11}"
+    )
+    e2e_ms: dict[tuple, float] = {}  # (arch, dtype, variant) -> p50 ms
     straight_ms: dict[tuple, float] = {}  # (arch, K, method, dtype) -> p50 ms
     measured = skipped = 0
     runs = plan(args)
@@ -332,10 +368,12 @@ def main(argv=None) -> int:
             r = measure(arch, K, method, variant, dtype_name, args, device, budget)
         except BudgetSpent:
             skipped = len(runs) - i
-            print(f"budget spent during {shape} {provider}: it and {skipped - 1} more configuration(s) not measured")
+            print(f"budget spent during {shape} {provider}: "
+                  f"it and {skipped - 1} more configuration(s) not measured")
             break
         except Exception as exc:  # report and go on: one broken configuration must not hide the rest
-            print(f"{shape:<34} {provider:<30} FAILED: {type(exc).__name__}: {(str(exc) or '-').splitlines()[0][:200]}")
+            first_line = (str(exc) or "-").splitlines()[0][:200]
+            print(f"{shape:<34} {provider:<30} FAILED: {type(exc).__name__}: {first_line}")
             if os.environ.get("MLAAN_BENCH_TRACEBACK"):
                 traceback.print_exc()
             r = None
@@ -346,20 +384,58 @@ def main(argv=None) -> int:
             continue
         measured += 1
         p50, p20, p80 = quantiles(r["times"])
-        note = f"{len(r['times'])} steps; params inference {r['n_inference'] / 1e6:.3f} M, trainable {r['n_trainable'] / 1e6:.3f} M"
+        note = (f"{len(r['times'])} steps; params inference {r['n_inference'] / 1e6:.3f} M, "
+                f"trainable {r['n_trainable'] / 1e6:.3f} M")
         ips = args.batch_size / (p50 / 1e3)
         writer.add("train_step", provider, shape, "step_time", "ms", p50, p20, p80, note)
-        writer.add("train_step", provider, shape, "images_per_s", "img/s", ips,
-                   args.batch_size / (p80 / 1e3), args.batch_size / (p20 / 1e3), note)
-        writer.add("train_step", provider, shape, "act_peak", "MiB", r["act_peak"] / MIB,
-                   note="ActivationMeter: bytes saved for backward, parameters and buffers excluded")
+        writer.add(
+            "train_step",
+            provider,
+            shape,
+            "images_per_s",
+            "img/s",
+            ips,
+            args.batch_size / (p80 / 1e3),
+            args.batch_size / (p20 / 1e3),
+            note,
+        )
+        writer.add(
+            "train_step",
+            provider,
+            shape,
+            "act_peak",
+            "MiB",
+            r["act_peak"] / MIB,
+            note="ActivationMeter: bytes saved for backward, parameters and buffers excluded",
+        )
         if r["cuda_peak"] is not None:
-            writer.add("train_step", provider, shape, "cuda_max_allocated", "MiB", r["cuda_peak"] / MIB,
-                       note="torch.cuda.max_memory_allocated over one step (everything the allocator held)")
-        writer.add("train_step", provider, shape, "total_memory", "MiB", r["total"] / MIB,
-                   note="parameters + gradients + optimizer state + buffers + act_peak")
-        writer.add("train_step", provider, shape, "params", "M", r["n_trainable"] / 1e6,
-                   note=f"trainable; inference {r['n_inference'] / 1e6:.3f} M")
+            writer.add(
+                "train_step",
+                provider,
+                shape,
+                "cuda_max_allocated",
+                "MiB",
+                r["cuda_peak"] / MIB,
+                note="torch.cuda.max_memory_allocated over one step (everything the allocator held)",
+            )
+        writer.add(
+            "train_step",
+            provider,
+            shape,
+            "total_memory",
+            "MiB",
+            r["total"] / MIB,
+            note="parameters + gradients + optimizer state + buffers + act_peak",
+        )
+        writer.add(
+            "train_step",
+            provider,
+            shape,
+            "params",
+            "M",
+            r["n_trainable"] / 1e6,
+            note=f"trainable; inference {r['n_inference'] / 1e6:.3f} M",
+        )
         if method == "e2e":
             e2e_ms[(arch, dtype_name, variant)] = p50
         if variant == "straightforward":
@@ -367,16 +443,33 @@ def main(argv=None) -> int:
         ref = e2e_ms.get((arch, dtype_name, variant)) or e2e_ms.get((arch, dtype_name, "fused"))
         vs_e2e = p50 / ref if ref else None
         if vs_e2e is not None:
-            writer.add("train_step", provider, shape, "step_time_vs_e2e", "x", vs_e2e,
-                       note="step time / e2e step time (same device, run, dtype, batch)")
+            writer.add(
+                "train_step",
+                provider,
+                shape,
+                "step_time_vs_e2e",
+                "x",
+                vs_e2e,
+                note="step time / e2e step time (same device, run, dtype, batch)",
+            )
         base = straight_ms.get((arch, K, method, dtype_name))
         speedup = base / p50 if base and variant != "straightforward" else None
         if speedup is not None:
-            writer.add("train_step", provider, shape, "speedup_vs_straightforward", "x", speedup,
-                       note="images/s / images/s of the straightforward variant (same run)")
+            writer.add(
+                "train_step",
+                provider,
+                shape,
+                "speedup_vs_straightforward",
+                "x",
+                speedup,
+                note="images/s / images/s of the straightforward variant (same run)",
+            )
         alloc = f"{r['cuda_peak'] / MIB:9.1f}" if r["cuda_peak"] is not None else f"{'-':>9}"
-        print(f"{shape:<34} {provider:<30} {p50:9.1f} {ips:9.0f} {r['act_peak'] / MIB:9.1f} {alloc} "
-              f"{r['total'] / MIB:9.1f} {vs_e2e or float('nan'):7.2f} {speedup or float('nan'):11.2f}", flush=True)
+        print(
+            f"{shape:<34} {provider:<30} {p50:9.1f} {ips:9.0f} {r['act_peak'] / MIB:9.1f} {alloc} "
+            f"{r['total'] / MIB:9.1f} {vs_e2e or float('nan'):7.2f} {speedup or float('nan'):11.2f}",
+            flush=True,
+        )
     print(f"{measured} configuration(s) measured -> {writer.path}")
     if not args.no_plot and measured:
         try:

@@ -3,6 +3,7 @@
 Usage: python benchmarks/plot_train_step.py [CSV] [PNG]   (default benchmarks/results/train_step.csv)
 One device per figure (the device of the newest row unless ``--device`` names another).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,15 @@ def latest_rows(path: str, device: str | None = None) -> tuple[str, list[dict]]:
 def _parse(row):
     m = SHAPE.fullmatch(row["shape"])
     method, _, variant = row["provider"].partition("/")
-    return dict(arch=m["arch"], K=int(m["K"]), B=int(m["B"]), dtype=m["dtype"], method=method,
-                variant=variant, value=float(row["p50"]))
+    return dict(
+        arch=m["arch"],
+        K=int(m["K"]),
+        B=int(m["B"]),
+        dtype=m["dtype"],
+        method=method,
+        variant=variant,
+        value=float(row["p50"]),
+    )
 
 
 def plot(csv_path: str, png_path: str, device: str | None = None) -> str:
@@ -65,11 +73,19 @@ def plot(csv_path: str, png_path: str, device: str | None = None) -> str:
         for dtype in dtypes:
             for method in METHOD_ORDER:
                 for variant in VARIANT_ORDER:
-                    pts = sorted((d["K"], d["value"]) for d in data if d["metric"] == "act_peak"
-                                 and d["arch"] == arch and d["dtype"] == dtype and d["method"] == method
-                                 and d["variant"] == variant)
+                    pts = sorted(
+                        (d["K"], d["value"])
+                        for d in data
+                        if d["metric"] == "act_peak"
+                        and d["arch"] == arch
+                        and d["dtype"] == dtype
+                        and d["method"] == method
+                        and d["variant"] == variant
+                    )
                     if pts and method == "e2e":  # e2e has no K: one reference level per dtype
-                        ax.axhline(pts[0][1], color="black", linestyle="--", linewidth=1, label=f"e2e {dtype}")
+                        ax.axhline(
+                            pts[0][1], color="black", linestyle="--", linewidth=1, label=f"e2e {dtype}"
+                        )
                         break
                     if pts:
                         ks, vals = zip(*pts)
@@ -80,16 +96,24 @@ def plot(csv_path: str, png_path: str, device: str | None = None) -> str:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    for ax, (arch, K, dtype, B) in zip(axes[len(archs):], groups):
+    for ax, (arch, K, dtype, B) in zip(axes[len(archs) :], groups):
         methods = [m for m in METHOD_ORDER if any(d["method"] == m for d in data)]
         width = 0.8 / len(VARIANT_ORDER)
         for j, variant in enumerate(VARIANT_ORDER):
             xs, ys = [], []
             for i, method in enumerate(methods):
                 k = 1 if method == "e2e" else K
-                vals = [d["value"] for d in data if d["metric"] == "images_per_s" and d["arch"] == arch
-                        and d["K"] == k and d["dtype"] == dtype and d["B"] == B and d["method"] == method
-                        and d["variant"] == variant]
+                vals = [
+                    d["value"]
+                    for d in data
+                    if d["metric"] == "images_per_s"
+                    and d["arch"] == arch
+                    and d["K"] == k
+                    and d["dtype"] == dtype
+                    and d["B"] == B
+                    and d["method"] == method
+                    and d["variant"] == variant
+                ]
                 if vals:
                     xs.append(i + (j - 1) * width)
                     ys.append(vals[0])
@@ -102,8 +126,10 @@ def plot(csv_path: str, png_path: str, device: str | None = None) -> str:
         ax.legend(fontsize=7)
     for ax in axes[n_panels:]:
         ax.axis("off")
-    fig.suptitle(f"Training step on {device} (torch {meta['torch']}, {meta['date']}, commit {meta['commit']})",
-                 fontsize=10)
+    fig.suptitle(
+        f"Training step on {device} (torch {meta['torch']}, {meta['date']}, commit {meta['commit']})",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)

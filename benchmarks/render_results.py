@@ -7,6 +7,7 @@ nothing is typed by hand. Only the newest row per (device, op, provider, shape, 
   python benchmarks/render_results.py --results DIR --out summary.md
   python benchmarks/render_results.py --readme README.md   # rewrite the block between the markers
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ def _num(text: str, digits: int = 3) -> str:
         return ""
     x = float(text)
     if x == 0 or 0.01 <= abs(x) < 1e6:
-        return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:.0f}"
+        return f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:.0f}"
     return f"{x:.2e}"
 
 
@@ -58,8 +59,10 @@ def _ratio(row: dict | None, base: dict | None) -> str:
 
 
 def _heading(meta: dict) -> str:
-    return (f"**{meta['device']}** · torch {meta['torch']} · triton {meta['triton']} · "
-            f"{meta['date']} · commit {meta['commit']}")
+    return (
+        f"**{meta['device']}** · torch {meta['torch']} · triton {meta['triton']} · "
+        f"{meta['date']} · commit {meta['commit']}"
+    )
 
 
 def _groups(rows: list[dict], extra=lambda r: ()) -> dict[tuple, list[dict]]:
@@ -77,16 +80,26 @@ def render_train_step(rows: list[dict]) -> list[str]:
         if not m:
             continue
         method, _, variant = r["provider"].partition("/")
-        parsed.append(dict(r, arch=m["arch"], K=int(m["K"]), B=m["B"], dtype=m["dtype"], method=method,
-                           variant=variant))
+        parsed.append(
+            dict(r, arch=m["arch"], K=int(m["K"]), B=m["B"], dtype=m["dtype"], method=method, variant=variant)
+        )
     out = []
     for key, group in _groups(parsed, lambda r: (r["B"], r["dtype"])).items():
         meta = dict(zip(PROVENANCE, key))
         out += [f"Training step, batch {key[-2]}, {key[-1]}: {_heading(meta)}", ""]
         has_cuda = any(r["metric"] == "cuda_max_allocated" for r in group)
-        header = ["arch", "K", "method", "variant", "step ms p50 (p20–p80)", "images/s", "time × e2e",
-                  "speed × straightforward", "saved-activation peak MiB",
-                  "peak × e2e"]
+        header = [
+            "arch",
+            "K",
+            "method",
+            "variant",
+            "step ms p50 (p20–p80)",
+            "images/s",
+            "time × e2e",
+            "speed × straightforward",
+            "saved-activation peak MiB",
+            "peak × e2e",
+        ]
         header += ["CUDA max allocated MiB"] if has_cuda else []
         header += ["total memory MiB"]
         out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -96,25 +109,40 @@ def render_train_step(rows: list[dict]) -> list[str]:
 
         def order(k):
             arch, K, method, variant = k
-            return (int(re.sub(r"\D", "", arch) or 0), K,
-                    METHOD_ORDER.index(method) if method in METHOD_ORDER else 99,
-                    VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else 99)
+            return (
+                int(re.sub(r"\D", "", arch) or 0),
+                K,
+                METHOD_ORDER.index(method) if method in METHOD_ORDER else 99,
+                VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else 99,
+            )
 
         e2e_act = {k[0]: c["act_peak"] for k, c in cells.items() if k[2] == "e2e" and "act_peak" in c}
         for k in sorted(cells, key=order):
             c = cells[k]
             get = lambda metric: _num(c[metric]["p50"]) if metric in c else ""  # noqa: E731
-            line = [k[0], str(k[1]), k[2], k[3], _spread(c["step_time"]) if "step_time" in c else "",
-                    get("images_per_s"),
-                    get("step_time_vs_e2e"), get("speedup_vs_straightforward"), get("act_peak"),
-                    _ratio(c.get("act_peak"), e2e_act.get(k[0]))]
+            line = [
+                k[0],
+                str(k[1]),
+                k[2],
+                k[3],
+                _spread(c["step_time"]) if "step_time" in c else "",
+                get("images_per_s"),
+                get("step_time_vs_e2e"),
+                get("speedup_vs_straightforward"),
+                get("act_peak"),
+                _ratio(c.get("act_peak"), e2e_act.get(k[0])),
+            ]
             line += [get("cuda_max_allocated")] if has_cuda else []
             line += [get("total_memory")]
             out.append("| " + " | ".join(line) + " |")
-        out += ["", "saved-activation peak: `mlaan_fast.profiling.ActivationMeter` (bytes saved for backward, "
-                "parameters and buffers excluded); CUDA max allocated: `torch.cuda.max_memory_allocated` over "
-                "one step; total: parameters + gradients + optimizer state + buffers + saved-activation peak. "
-                "Ratios are between numbers of the same run on the same device.", ""]
+        out += [
+            "",
+            "saved-activation peak: `mlaan_fast.profiling.ActivationMeter` (bytes saved for backward, "
+            "parameters and buffers excluded); CUDA max allocated: `torch.cuda.max_memory_allocated` over "
+            "one step; total: parameters + gradients + optimizer state + buffers + saved-activation peak. "
+            "Ratios are between numbers of the same run on the same device.",
+            "",
+        ]
     return out
 
 
@@ -131,8 +159,9 @@ def render_generic(rows: list[dict], title: str) -> list[str]:
         for r in group:
             table.setdefault((r["op"], r["shape"], r["metric"], r["unit"]), {})[r["provider"]] = r
         for (op, shape, metric, unit), by_provider in table.items():
-            line = [op, shape, metric, unit] + [_spread(by_provider[p]) if p in by_provider else ""
-                                                for p in providers]
+            line = [op, shape, metric, unit] + [
+                _spread(by_provider[p]) if p in by_provider else "" for p in providers
+            ]
             out.append("| " + " | ".join(line) + " |")
         out.append("")
     return out
@@ -140,8 +169,10 @@ def render_generic(rows: list[dict], title: str) -> list[str]:
 
 def render(results_dir: str) -> str:
     """Markdown for every CSV in ``results_dir`` (train_step first)."""
-    paths = sorted(glob.glob(os.path.join(results_dir, "*.csv")),
-                   key=lambda p: (os.path.basename(p) != "train_step.csv", p))
+    paths = sorted(
+        glob.glob(os.path.join(results_dir, "*.csv")),
+        key=lambda p: (os.path.basename(p) != "train_step.csv", p),
+    )
     if not paths:
         return f"_No benchmark results in `{results_dir}` yet._\n"
     lines = []

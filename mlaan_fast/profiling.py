@@ -6,6 +6,7 @@ the same way on CPU and GPU, by watching every tensor autograd saves for backwar
 own peak, which additionally counts parameters, gradients, optimizer state, temporaries and
 workspaces. The two numbers answer different questions; both are exposed, never mixed.
 """
+
 from __future__ import annotations
 
 import threading
@@ -84,9 +85,13 @@ class ActivationMeter:
         print(meter.peak_bytes, meter.cuda_max_allocated)
     """
 
-    def __init__(self, *, include_parameters: bool = False,
-                 exclude: nn.Module | torch.Tensor | Iterable[nn.Module | torch.Tensor] | None = None,
-                 cuda_device: torch.device | int | str | None = None):
+    def __init__(
+        self,
+        *,
+        include_parameters: bool = False,
+        exclude: nn.Module | torch.Tensor | Iterable[nn.Module | torch.Tensor] | None = None,
+        cuda_device: torch.device | int | str | None = None,
+    ):
         """``cuda_device``: whose allocator peak to report (default: the current CUDA device if any;
         ``"cpu"`` turns the CUDA numbers off)."""
         self.include_parameters = include_parameters
@@ -138,8 +143,9 @@ class ActivationMeter:
     def _pack(self, tensor: torch.Tensor, meters):
         is_parameter = isinstance(tensor, nn.Parameter) or (tensor.is_leaf and tensor.requires_grad)
         key = _storage_key(tensor)
-        counted = tuple(m for m in meters
-                        if key not in m._excluded and (m.include_parameters or not is_parameter))
+        counted = tuple(
+            m for m in meters if key not in m._excluded and (m.include_parameters or not is_parameter)
+        )
         if not counted:
             return tensor
         nbytes = tensor.untyped_storage().nbytes()
@@ -208,8 +214,9 @@ class ActivationMeter:
         self.cuda_max_allocated_delta = peak - self._cuda_base
 
     def __repr__(self) -> str:
-        mib = 2.0 ** 20
-        text = f"ActivationMeter(peak={self.peak_bytes / mib:.2f} MiB, current={self.current_bytes / mib:.2f} MiB"
+        mib = 2.0**20
+        text = f"ActivationMeter(peak={self.peak_bytes / mib:.2f} MiB, "
+        text += f"current={self.current_bytes / mib:.2f} MiB"
         if self.cuda_max_allocated is not None:
             text += f", cuda_max_allocated={self.cuda_max_allocated / mib:.2f} MiB"
         return text + ")"

@@ -231,6 +231,11 @@ def test_torch_compile_fullgraph_cpu():
     assert int(correct) == int(ref_correct)
     torch.testing.assert_close(gx, x.grad)
     torch.testing.assert_close(gw, head.fc.weight.grad)
+    bad_t = t.clone()
+    bad_t[1] = 5
+    head.fused = True
+    with use_backend("cpu"), pytest.raises(ValueError, match=r"target\[1\] = 5"):
+        compiled(x, bad_t)
 
 
 @needs_cpp

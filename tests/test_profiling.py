@@ -1,4 +1,5 @@
 """ActivationMeter against byte counts worked out by hand from the shapes."""
+
 import copy
 import gc
 import threading
@@ -251,7 +252,9 @@ def _step_peak(arch, K, method, batch=2, size=16):
     images, targets = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
     with ActivationMeter(exclude=model) as meter:
         model.local_step(images, targets)
-    assert meter.current_bytes == 0, f"{arch} K={K} {method}: {meter.current_bytes} bytes still held after the step"
+    assert meter.current_bytes == 0, (
+        f"{arch} K={K} {method}: {meter.current_bytes} bytes still held after the step"
+    )
     return meter.peak_bytes
 
 

@@ -42,9 +42,9 @@ def aux_head_loss(features, weight, bias, target, *, reduction="mean", label_smo
     _check_inputs(features, weight, bias, target, reduction, label_smoothing)
     backend = _backend_for(features.device.type, features.device.index)
     eager = not torch.compiler.is_compiling()
-    if eager and (backend == "reference" or features.device.type == "cpu"):
-        _check_target_range(target, weight.shape[0])  # cuda/triton check on the device, inside the op
     if backend == "reference":
+        if eager:
+            _check_target_range(target, weight.shape[0])
         return aux_head_loss_reference(features, weight, bias, target, reduction=reduction,
                                        label_smoothing=label_smoothing, return_logits=return_logits)
     if eager:
@@ -156,9 +156,9 @@ def _forward_impl(features, weight, bias, target, label_smoothing, backend):
     if backend == "triton":
         cdt = compute_dtype(features, weight)
         return _triton().forward(features, weight.to(cdt), None if bias is None else bias.to(cdt), target,
-                                 label_smoothing)  # checks the target range itself
-    if features.device.type == "cuda":
-        _check_target_range(target, weight.shape[0])  # the C++ op checks again after its kernel
+                                 label_smoothing)  # checks the target range on the device itself
+    # Checked here, before any kernel (one host sync on CUDA); the C++ op checks again.
+    _check_target_range(target, weight.shape[0])
     return torch.ops.mlaan_fast.aux_head_loss_forward(features, weight, bias, target, label_smoothing)
 
 
