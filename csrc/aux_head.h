@@ -26,6 +26,13 @@ std::pair<int64_t, int64_t> check_backward_inputs(const char* op, const at::Tens
                                                   const at::Tensor& logits, const at::Tensor& lse,
                                                   const at::Tensor& target, double label_smoothing);
 
+// check_backward_inputs plus pooled [B, C] of the logits dtype on the logits device. Returns (B, N).
+std::pair<int64_t, int64_t> check_backward_params_inputs(const char* op, const at::Tensor& grad_losses,
+                                                         const std::optional<at::Tensor>& grad_logits,
+                                                         const at::Tensor& logits, const at::Tensor& lse,
+                                                         const at::Tensor& pooled, const at::Tensor& target,
+                                                         double label_smoothing);
+
 // float64 when either features or weight is float64, else float32: the dtype of every
 // accumulator, of logits/pooled/lse/losses and of the weight/bias gradients.
 at::ScalarType compute_dtype(const at::Tensor& features, const at::Tensor& weight);

@@ -103,6 +103,20 @@ at::ScalarType compute_dtype(const at::Tensor& features, const at::Tensor& weigh
                                                                                         : at::kFloat;
 }
 
+std::pair<int64_t, int64_t> check_backward_params_inputs(const char* op, const at::Tensor& grad_losses,
+                                                         const std::optional<at::Tensor>& grad_logits,
+                                                         const at::Tensor& logits, const at::Tensor& lse,
+                                                         const at::Tensor& pooled, const at::Tensor& target,
+                                                         double label_smoothing) {
+  const auto [B, N] = check_backward_inputs(op, grad_losses, grad_logits, logits, lse, target, label_smoothing);
+  MLAAN_CHECK_VALUE(pooled.dim() == 2 && pooled.size(0) == B, op, ": pooled must be [", B, ", C], got shape ",
+                    pooled.sizes());
+  MLAAN_CHECK_TYPE(pooled.scalar_type() == logits.scalar_type(), op, ": pooled must have the logits dtype");
+  MLAAN_CHECK_VALUE(pooled.device() == logits.device(), op, ": pooled is on ", pooled.device(),
+                    " but logits are on ", logits.device());
+  return {B, N};
+}
+
 void check_target_range_cpu(const char* op, const at::Tensor& target, int64_t N) {
   const at::Tensor t = target.contiguous();
   const int64_t* p = t.data_ptr<int64_t>();
@@ -326,12 +340,8 @@ std::tuple<at::Tensor, at::Tensor> backward_params_cpu(const at::Tensor& grad_lo
                                                        const at::Tensor& pooled, const at::Tensor& target,
                                                        double label_smoothing) {
   const char* op = "aux_head_loss_backward_params";
-  const auto [B, N] = check_backward_inputs(op, grad_losses, grad_logits, logits, lse, target, label_smoothing);
-  MLAAN_CHECK_VALUE(pooled.dim() == 2 && pooled.size(0) == B, op, ": pooled must be [", B, ", C], got shape ",
-                    pooled.sizes());
-  MLAAN_CHECK_TYPE(pooled.scalar_type() == logits.scalar_type(), op, ": pooled must have the logits dtype");
-  MLAAN_CHECK_VALUE(pooled.device() == logits.device(), op, ": pooled is on ", pooled.device(),
-                    " but logits are on ", logits.device());
+  const auto [B, N] = check_backward_params_inputs(op, grad_losses, grad_logits, logits, lse, pooled, target,
+                                                   label_smoothing);
   check_target_range_cpu(op, target, N);
   const int64_t C = pooled.size(1);
   const auto cdt = logits.scalar_type();

@@ -374,12 +374,8 @@ std::tuple<at::Tensor, at::Tensor> backward_params_cuda(const at::Tensor& grad_l
                                                         const at::Tensor& pooled, const at::Tensor& target,
                                                         double label_smoothing) {
   const char* op = "aux_head_loss_backward_params";
-  const auto [B, N] = check_backward_inputs(op, grad_losses, grad_logits, logits, lse, target, label_smoothing);
-  MLAAN_CHECK_VALUE(pooled.dim() == 2 && pooled.size(0) == B, op, ": pooled must be [", B, ", C], got shape ",
-                    pooled.sizes());
-  MLAAN_CHECK_TYPE(pooled.scalar_type() == logits.scalar_type(), op, ": pooled must have the logits dtype");
-  MLAAN_CHECK_VALUE(pooled.device() == logits.device(), op, ": pooled is on ", pooled.device(),
-                    " but logits are on ", logits.device());
+  const auto [B, N] = check_backward_params_inputs(op, grad_losses, grad_logits, logits, lse, pooled, target,
+                                                   label_smoothing);
   const int64_t C = pooled.size(1);
   MLAAN_CHECK_VALUE(B * std::max(N, C + 1) < (int64_t(1) << 31), op, ": sizes too large for the cuda backend");
   const c10::cuda::CUDAGuard guard(logits.device());

@@ -14,13 +14,7 @@ from mlaan_fast.cli import build_parser, main, train_config_from_args
 from mlaan_fast.train.config import TrainConfig, resolve_config, save_yaml
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared machine two OpenMP threads can be 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def resolved(*argv):

@@ -12,13 +12,7 @@ from mlaan_fast.profiling import ActivationMeter
 MLAAN_METHODS = ("mlaan", "dgl+mlaan", "infopro+mlaan")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tiny shapes run faster on one thread than with two threads competing for shared cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_batch(n=3, size=32, classes=10, dtype=torch.float32, seed=1):
