@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlaan_fast.nn.conv_bn_relu_stack import conv_bn_relu_stack
 from mlaan_fast.ops import aux_head_loss
 
 
@@ -14,7 +15,12 @@ def _fp32_or_wider(x: torch.Tensor) -> torch.Tensor:
 
 
 class DGLAuxHead(nn.Module):
-    """Loss of the DGL head on features [B,C,H,W] with int64 targets [B]; the last Linear + CE is fused."""
+    """Loss of the DGL head on features [B,C,H,W] with int64 targets [B].
+
+    ``fused=True``: the conv stack keeps one tensor per layer for backward (see
+    :mod:`mlaan_fast.nn.conv_bn_relu_stack`) and the last Linear + CE is the fused op;
+    ``fused=False``: plain modules, as the reference code runs them.
+    """
 
     def __init__(self, in_channels: int, num_classes: int, *, conv_channels: int = 128,
                  hidden: int = 512, depth: int = 3, fused: bool = True):
@@ -38,7 +44,8 @@ class DGLAuxHead(nn.Module):
 
     def forward(self, features: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean"):
         """features [B,C,H,W], target int64 [B] -> loss (0-dim fp32 for "mean"/"sum")."""
-        pooled = self.convs(features).mean(dim=(2, 3))
+        convs = conv_bn_relu_stack(features, self.convs) if self.fused else self.convs(features)
+        pooled = convs.mean(dim=(2, 3))
         hidden = self.mlp(pooled)
         if self.fused:
             return aux_head_loss(hidden, self.fc.weight, self.fc.bias, target, reduction=reduction)
