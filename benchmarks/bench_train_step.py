@@ -9,8 +9,12 @@ A step is ``model.local_step`` (every local forward/backward of the iteration) +
   (``p.data = p.data * m + q.data * (1 - m)``), eager.
 * ``fused``: the same schedule with the fused ops: fused heads, shared shadows, one multi-tensor
   EMA launch (``model.update_shadows()``).
-* ``scheduled``: ``fused`` plus the forward-once window scheduler (``schedule="once"``), measured
-  only where the model accepts it.
+* ``scheduled``: ``fused`` plus the forward-once window scheduler (``schedule="once"``); only for
+  methods with cascade windows.
+* ``graphed`` (GPU only): ``scheduled`` with ``overlap=True`` (heads on a second stream) and the
+  whole ``local_step`` replayed from a CUDA graph (:class:`mlaan_fast.models.GraphedLocalStep`);
+  for e2e and the methods with cascade windows. Its memory numbers are those of an eager step
+  (a replay saves no tensors through autograd); the timed steps are replays.
 
 Memory, per configuration (one extra untimed step):
 
@@ -36,6 +40,7 @@ import statistics
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 
 import torch
 
@@ -47,11 +52,12 @@ from mlaan_fast.profiling import ActivationMeter  # noqa: E402
 # The (arch, K) pairs, most telling first so a short budget still covers the claims.
 CONFIGS = [("resnet32", 16), ("resnet110", 55), ("resnet32", 8), ("resnet110", 32)]
 METHODS = ["e2e", "mlaan", "dgl+mlaan", "infopro+mlaan", "dgl", "infopro"]
-VARIANTS = ["straightforward", "fused", "scheduled"]
+VARIANTS = ["straightforward", "fused", "scheduled", "graphed"]
 VARIANT_OPTIONS = {
     "straightforward": dict(schedule="straightforward", fused=False, share_shadows=False),
     "fused": dict(schedule="straightforward", fused=True, share_shadows=True),
     "scheduled": dict(schedule="once", fused=True, share_shadows=True),
+    "graphed": dict(schedule="once", fused=True, share_shadows=True, overlap=True),
 }
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -133,20 +139,30 @@ def build(arch: str, K: int, method: str, variant: str, device: torch.device):
     return model, ema
 
 
-def make_step(model, ema, images, targets, autocast_dtype, device):
+def make_step(model, ema, images, targets, autocast_dtype, device, graphed=False):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4, foreach=True)
+    if graphed:
+        from mlaan_fast.models import GraphedLocalStep
+
+        local_step = GraphedLocalStep(model, amp_dtype=autocast_dtype)
+        autocast = nullcontext  # applied inside the graph
+    else:
+        local_step = model.local_step
+
+        def autocast():
+            return torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                  enabled=autocast_dtype is not None)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(
-            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-        ):
-            out = model.local_step(images, targets)
+        with autocast():
+            out = local_step(images, targets)
         optimizer.step()
         ema()
         return out
 
+    step.local_step = local_step
     return step, optimizer
 
 
@@ -218,13 +234,19 @@ def measure(arch, K, method, variant, dtype_name, args, device, budget):
     torch.manual_seed(0)
     model, ema = build(arch, K, method, variant, device)
     images, targets = _batch(args.batch_size, device)
-    step, optimizer = make_step(model, ema, images, targets, DTYPES[dtype_name], device)
+    graphed = variant == "graphed"
+    step, optimizer = make_step(model, ema, images, targets, DTYPES[dtype_name], device, graphed=graphed)
     step()  # first touch: lazy initialisation, optimizer state, cuDNN heuristics
     _sync(device)
     budget.check()
     with ActivationMeter(exclude=model, cuda_device=device if device.type == "cuda" else "cpu") as meter:
-        step()
+        step()  # graphed: still an eager warm-up step, so the memory numbers are an eager step's
         _sync(device)
+    if graphed:
+        step()  # capture, then the first replay: untimed
+        _sync(device)
+        if step.local_step.num_graphs != 1:
+            raise RuntimeError("graphed variant: the step was not captured")
     act_peak = meter.peak_bytes
     cuda_peak = meter.cuda_max_allocated
     total = state_bytes(model, optimizer) + act_peak
@@ -276,18 +298,10 @@ def plan(args):
             for variant in args.variants:
                 if variant == "scheduled" and "mlaan" not in method:
                     continue  # nothing to schedule without cascade windows
+                if variant == "graphed" and "mlaan" not in method and method != "e2e":
+                    continue
                 runs.append((arch, 1 if method == "e2e" else K, method, variant, dtype_name))
     return runs
-
-
-def scheduler_supported() -> tuple[bool, str]:
-    from mlaan_fast.models import build_model
-
-    try:
-        build_model("resnet20", num_classes=10, K=3, method="mlaan", **VARIANT_OPTIONS["scheduled"])
-    except (TypeError, ValueError, NotImplementedError) as exc:
-        return False, f"{type(exc).__name__}: {exc}"
-    return True, ""
 
 
 def main(argv=None) -> int:
@@ -335,13 +349,9 @@ def main(argv=None) -> int:
     )
 
     budget = Budget(args.budget)
-    if "scheduled" in args.variants:
-        ok, why = scheduler_supported()
-        if not ok:
-            print(
-                f"note: variant 'scheduled' skipped: build_model does not accept schedule='once' yet ({why})"
-            )
-            args.variants = [v for v in args.variants if v != "scheduled"]
+    if "graphed" in args.variants and not on_gpu:
+        print("note: variant 'graphed' skipped: CUDA graphs need a GPU")
+        args.variants = [v for v in args.variants if v != "graphed"]
 
     writer = CsvWriter("train_step", device, args.out)
     dev = device_name(device)

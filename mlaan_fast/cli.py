@@ -116,12 +116,16 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lam-depth", type=int, default=S, help="blocks per LAM for non-preset (arch, K)")
     g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=S, help="fused head ops")
     g.add_argument("--schedule", default=S, help="window schedule of the model")
+    g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=S,
+                   help="schedule 'once': heads on a second CUDA stream, overlapping module work")
     g.add_argument("--model-option", dest="model_options", action="append", default=S, metavar="KEY=VALUE",
                    help="any other build_model option (repeatable; VALUE parsed as YAML)")
     g = p.add_argument_group("speed and reproducibility")
     g.add_argument("--amp", choices=AMP_MODES, default=S, help="mixed precision (fp16 uses a grad scaler)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=S)
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=S, help="torch.compile")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=S,
+                   help="replay each training step from a CUDA graph (GPU, fixed batch shape)")
     g.add_argument("--seed", type=int, default=S)
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=S,
                    help="torch.use_deterministic_algorithms (bitwise-repeatable runs, slower)")

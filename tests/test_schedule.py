@@ -15,11 +15,11 @@ CASES = [
 ]
 
 
-def _pair(arch, K, method, dtype, **options):
+def _pair(arch, K, method, dtype, once_options=None, **options):
     models = []
-    for schedule in ("straightforward", "once"):
+    for schedule, extra in (("straightforward", {}), ("once", once_options or {})):
         torch.manual_seed(0)
-        models.append(build_model(arch, K=K, method=method, schedule=schedule, **options).to(dtype))
+        models.append(build_model(arch, K=K, method=method, schedule=schedule, **options, **extra).to(dtype))
     return models
 
 
@@ -50,6 +50,26 @@ def test_once_matches_straightforward_fp64(arch, K, method):
     for la, lb in zip(ra["module_losses"], rb["module_losses"]):
         torch.testing.assert_close(lb, la, rtol=1e-6, atol=0)
     torch.testing.assert_close(rb["logits"], ra["logits"], rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("arch,K,method", [("resnet20", 9, "mlaan"), ("resnet20", 4, "dgl+mlaan"),
+                                           ("resnet20", 5, "infopro+mlaan"), ("resnet20", 4, "dgl")])
+def test_once_overlap_matches_straightforward_fp64(arch, K, method):
+    """overlap=True reorders the work (window j after module j+1's forward): same gradients."""
+    a, b = _pair(arch, K, method, torch.float64, once_options={"overlap": True})
+    x, y = _batch(torch.float64)
+    ra, rb = a.local_step(x, y), b.local_step(x, y)
+    _assert_same_grads(a, b, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(rb["logits"], ra["logits"], rtol=1e-9, atol=0)
+    for la, lb in zip(ra["module_losses"], rb["module_losses"]):
+        torch.testing.assert_close(lb, la, rtol=1e-6, atol=0)
+
+
+def test_overlap_needs_the_once_schedule():
+    with pytest.raises(ValueError, match="overlap=True needs schedule='once'"):
+        build_model("resnet20", K=3, method="mlaan", schedule="straightforward", overlap=True)
+    with pytest.raises(TypeError, match="overlap must be True or False"):
+        build_model("resnet20", K=3, method="mlaan", overlap="yes")
 
 
 @pytest.mark.parametrize("method,options", [("mlaan", {}), ("dgl+mlaan", {}), ("mlaan", {"lam": False}),
@@ -90,13 +110,14 @@ def test_once_forwards_each_module_once(method, s):
     assert len(middle) >= M - s  # so the published count is about (s+1)·M
 
 
-@pytest.mark.parametrize("method", ["mlaan", "dgl+mlaan"])
-def test_once_memory_within_one_module_of_straightforward(method):
+@pytest.mark.parametrize("method,overlap", [("mlaan", False), ("dgl+mlaan", False), ("mlaan", True),
+                                            ("dgl+mlaan", True)])
+def test_once_memory_within_one_module_of_straightforward(method, overlap):
     x, y = _batch(torch.float32, n=4)
     peaks = {}
-    for schedule in ("straightforward", "once"):
+    for schedule, extra in (("straightforward", {}), ("once", {"overlap": overlap})):
         torch.manual_seed(0)
-        model = build_model("resnet20", K=9, method=method, schedule=schedule)
+        model = build_model("resnet20", K=9, method=method, schedule=schedule, **extra)
         with ActivationMeter() as meter:
             model.local_step(x, y)
         peaks[schedule] = meter.peak_bytes

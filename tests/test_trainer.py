@@ -260,3 +260,28 @@ def test_metrics_log_and_plots(tmp_path):
     paths = plot_runs([tmp_path, tmp_path], tmp_path / "plots")
     assert sorted(p.name for p in paths) == ["accuracy.png", "loss.png", "throughput.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def test_cuda_graphs_need_cuda_and_exclude_compile(tmp_path):
+    with pytest.raises(ValueError, match="cuda_graphs and compile"):
+        tiny(tmp_path, "both", cuda_graphs=True, compile=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+            loop.train(tiny(tmp_path, "graphs", cuda_graphs=True, device="cpu"), verbose=False)
+        assert not (tmp_path / "graphs" / "last.pt").exists()
+
+
+def test_overlap_reaches_the_model(tmp_path):
+    cfg = tiny(tmp_path, "overlap", overlap=True)
+    assert cfg.model_kwargs()["overlap"] is True
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
+def test_gpu_training_with_cuda_graphs(tmp_path, amp):
+    """--cuda-graphs --overlap: warm-up steps eager, then one captured graph replayed (5 steps)."""
+    cfg = tiny(tmp_path, amp, amp=amp, device="cuda", epochs=1, max_steps_per_epoch=5, cuda_graphs=True,
+               overlap=True, deterministic=False, workers=2)
+    loop.train(cfg, verbose=False)
+    row = read_metrics(tmp_path / amp)[0]
+    assert math.isfinite(row["train_loss"]) and row["peak_kind"] == "cuda_max_allocated"

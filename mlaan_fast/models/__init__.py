@@ -25,10 +25,11 @@ Where this library departs from the public reference code, on purpose (method.md
   is built.
 """
 from mlaan_fast.models.archs import ARCHS, build_backbone
+from mlaan_fast.models.graphed_step import GraphedLocalStep
 from mlaan_fast.models.local_model import DEFAULT_OPTIONS, METHODS, LocalModel, build_model
 from mlaan_fast.models.plan import lam_lists, split
 from mlaan_fast.models.presets import PRESETS
 from mlaan_fast.models.schedules import SCHEDULES, Window
 
-__all__ = ["ARCHS", "DEFAULT_OPTIONS", "METHODS", "PRESETS", "SCHEDULES", "LocalModel", "Window",
+__all__ = ["ARCHS", "DEFAULT_OPTIONS", "METHODS", "PRESETS", "SCHEDULES", "GraphedLocalStep", "LocalModel", "Window",
            "build_backbone", "build_model", "lam_lists", "split"]

@@ -47,6 +47,7 @@ DEFAULT_OPTIONS = {
     "shadow_update": "all",  # "last_only": only the last LAM's shadow tracks its block (reference code)
     "fused": True,
     "schedule": "once",  # "straightforward": the published s+1 forwards per module (same gradients)
+    "overlap": False,  # "once" only: window j after module j+1's forward, heads on a second CUDA stream
     "mean": (0.4914, 0.4822, 0.4465),  # dataset normalisation; InfoPro's decoder target is image*std+mean
     "std": (0.2470, 0.2435, 0.2616),
     "ixx_1": 5.0, "ixy_1": 0.5, "ixx_2": 0.0, "ixy_2": 0.0,  # InfoPro λ at module 0 and module M-2
@@ -72,6 +73,10 @@ def _resolve_options(method: str, options: dict) -> dict:
     resolved["mean"] = tuple(float(v) for v in resolved["mean"])
     resolved["std"] = tuple(float(v) for v in resolved["std"])
     get_schedule(resolved["schedule"])
+    if not isinstance(resolved["overlap"], bool):
+        raise TypeError(f"overlap must be True or False, got {resolved['overlap']!r}")
+    if resolved["overlap"] and resolved["schedule"] != "once":
+        raise ValueError("overlap=True needs schedule='once' (the straightforward schedule runs window by window)")
     return resolved
 
 

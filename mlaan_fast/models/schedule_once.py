@@ -16,8 +16,15 @@ Per middle module and s = 2 that is 1 forward + 1 parameter backward + 1 input-o
 instead of 3 forwards + 3 full backwards. BatchNorm running statistics are updated once per
 module per iteration (the published schedule updates them s+1 times with identical batch
 statistics).
+
+Option ``overlap`` (off by default) queues module j+1's forward before window j's heads and
+backward, and on a GPU runs the heads on a second CUDA stream, so head work overlaps module work
+(inside a CUDA graph the two streams become parallel branches). The gradients are the same; the
+saved-activation peak grows by at most one module (o_{j+1}'s graph is alive during window j).
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 
@@ -40,46 +47,102 @@ def once(model, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None) -
     modules = model.local_modules
     windows = {w.index: w for w in model.windows}
     done_at, passes = _reach(model.windows, len(modules))
-    graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # m -> (input leaf, output) until done
-    pending: dict[int, torch.Tensor] = {}  # m -> sum of the cotangents that reached o_m so far
-    module_losses = [images.new_zeros((), dtype=torch.float32) for _ in modules]
-    logits, h = None, images
+    step = _Step(model, images, targets, grad_scaler, done_at, _side_stream(model, images))
+    defer = bool(model.options.get("overlap"))  # window j after module j+1's forward (same maths)
+    h, behind = images, None  # behind: (j, o_j) of the window deferred until module j+1 is queued
     with torch.enable_grad():
         for j, module in enumerate(modules):
             z = h.detach().requires_grad_(passes[j]) if j > 0 else h
             with torch.set_grad_enabled(done_at[j] >= 0):
                 h = module(z)
             if done_at[j] >= 0:
-                graphs[j] = (z, h)
-            window = windows.get(j)
-            if window is None:
-                continue
-            # Cascaded term first: its stream completes module start and frees that graph before the
-            # independent head (as heavy as the DGL head can be) is built.
-            terms = []
-            if window.start is not None:
-                terms.append((window.start, window.casc_weight, model.cascade_loss))
-            if window.ind_weight is not None:
-                terms.append((j, window.ind_weight, model.independent_loss))
-            objective = 0.0
-            for n, (start, weight, loss_fn) in enumerate(terms):
-                leaf = h.detach().requires_grad_()
-                loss, term_logits = loss_fn(j, leaf, images, targets)
-                term = weight * loss
-                (term if grad_scaler is None else grad_scaler.scale(term)).backward()
-                objective = objective + term.detach().float()
-                logits = term_logits if term_logits is not None else logits  # the independent one last
-                if leaf.grad is not None:
-                    _propagate(modules, graphs, pending, start, leaf.grad, j, done_at, last_term=n + 1 == len(terms))
-                del leaf, loss, term
-            module_losses[j] = objective
-    if graphs:  # cannot happen for windows built by make_windows; guards hand-made window lists
-        raise RuntimeError(f"schedule 'once': modules {sorted(graphs)} kept a graph past their last window")
+                step.graphs[j] = (z, h)
+            if behind is not None:
+                step.window(windows[behind[0]], behind[1])
+                behind = None
+            if j in windows:
+                if defer:
+                    behind = (j, h)
+                else:
+                    step.window(windows[j], h)
+        if behind is not None:
+            step.window(windows[behind[0]], behind[1])
+        step.join()
+    if step.graphs:  # cannot happen for windows built by make_windows; guards hand-made window lists
+        raise RuntimeError(f"schedule 'once': modules {sorted(step.graphs)} kept a graph past their last window")
     return {
-        "loss": torch.stack(module_losses).sum(),
-        "module_losses": module_losses,
-        "logits": None if logits is None else logits.detach(),
+        "loss": torch.stack(step.module_losses).sum(),
+        "module_losses": step.module_losses,
+        "logits": None if step.logits is None else step.logits.detach(),
     }
+
+
+def _side_stream(model, images: torch.Tensor):
+    """The CUDA stream for auxiliary heads when ``overlap`` is on and the batch is on a GPU, else None."""
+    if not (model.options.get("overlap") and images.is_cuda):
+        return None
+    streams = model.__dict__.setdefault("_head_streams", {})
+    if images.device not in streams:
+        streams[images.device] = torch.cuda.Stream(images.device)
+    return streams[images.device]
+
+
+class _Step:
+    """State of one iteration: the kept module graphs, the pending cotangents and the losses.
+
+    With a side stream (``overlap``), the loop above queues module j+1's forward before window j,
+    and window j's heads (forward and backward) run on the side stream, so they overlap with
+    module work on the main stream; each cotangent crosses back with an explicit wait (autograd
+    takes the calling stream as the producer of ``grad_outputs``) and ``record_stream`` (it was
+    allocated on the side stream but is read on the main one).
+    """
+
+    def __init__(self, model, images, targets, grad_scaler, done_at, side):
+        self.model, self.images, self.targets, self.grad_scaler = model, images, targets, grad_scaler
+        self.done_at, self.side = done_at, side
+        self.main = torch.cuda.current_stream(images.device) if side is not None else None
+        self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # m -> (input leaf, output)
+        self.pending: dict[int, torch.Tensor] = {}  # m -> sum of the cotangents that reached o_m so far
+        self.module_losses = [images.new_zeros((), dtype=torch.float32) for _ in model.local_modules]
+        self.logits = None
+
+    def window(self, window, h) -> None:
+        """Both objective terms of ``window`` on its output h = o_j, each stream carried down at once.
+
+        The cascaded term goes first: its stream completes module ``start`` and frees that graph
+        before the independent head (as heavy as the DGL head can be) is built."""
+        model, j = self.model, window.index
+        terms = []
+        if window.start is not None:
+            terms.append((window.start, window.casc_weight, model.cascade_loss))
+        if window.ind_weight is not None:
+            terms.append((j, window.ind_weight, model.independent_loss))
+        if self.side is not None:
+            self.side.wait_stream(self.main)  # o_j (and everything before it) is ready
+        objective = 0.0
+        for n, (start, weight, loss_fn) in enumerate(terms):
+            with torch.cuda.stream(self.side) if self.side is not None else nullcontext():
+                leaf = h.detach().requires_grad_()
+                loss, term_logits = loss_fn(j, leaf, self.images, self.targets)
+                term = weight * loss
+                (term if self.grad_scaler is None else self.grad_scaler.scale(term)).backward()
+                objective = objective + term.detach().float()
+                self.logits = term_logits if term_logits is not None else self.logits  # independent last
+                cotangent = leaf.grad
+                del leaf, loss, term
+            if cotangent is None:
+                continue
+            if self.side is not None:
+                self.main.wait_stream(self.side)
+                cotangent.record_stream(self.main)
+            _propagate(model.local_modules, self.graphs, self.pending, start, cotangent, j, self.done_at,
+                       last_term=n + 1 == len(terms))
+        self.module_losses[j] = objective
+
+    def join(self) -> None:
+        """Make the main stream wait for the side stream's last head (losses, head gradients)."""
+        if self.side is not None:
+            self.main.wait_stream(self.side)
 
 
 def _propagate(modules, graphs, pending, start, cotangent, j, done_at, last_term) -> None:

@@ -42,7 +42,7 @@ _DEMO = {
 _DEMO_COMMON = dict(momentum=0.9, nesterov=True, weight_decay=1e-4, ema_decay=0.995)
 
 # Model options forwarded to build_model when set (None = the model's own default).
-MODEL_OPTION_KEYS = ("mlm", "lam", "s", "w_ind", "w_casc", "lam_depth", "fused", "schedule")
+MODEL_OPTION_KEYS = ("mlm", "lam", "s", "w_ind", "w_casc", "lam_depth", "fused", "schedule", "overlap")
 
 
 @dataclass
@@ -71,10 +71,12 @@ class TrainConfig:
     lam_depth: int | None = None
     fused: bool | None = None
     schedule: str | None = None
+    overlap: bool | None = None
     model_options: dict = field(default_factory=dict)
     amp: str = "off"
     channels_last: bool = False
     compile: bool = False
+    cuda_graphs: bool = False
     seed: int = 0
     deterministic: bool = False
     workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # DataLoader processes
@@ -102,6 +104,9 @@ class TrainConfig:
             raise ValueError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
         if self.workers < 0:
             raise ValueError(f"workers: must be >= 0, got {self.workers}")
+        if self.cuda_graphs and self.compile:
+            raise ValueError("cuda_graphs and compile: choose one (--cuda-graphs replays the whole step; "
+                             "--compile compiles each module)")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ValueError(f"max_steps_per_epoch: must be >= 1, got {self.max_steps_per_epoch}")
         return self

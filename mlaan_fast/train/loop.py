@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mlaan_fast.models.graphed_step import GraphedLocalStep
 from mlaan_fast.train import checkpoint as ckpt
 from mlaan_fast.train.config import TrainConfig, format_config, save_yaml
 from mlaan_fast.train.data import build_datasets, build_loaders, check_labels, steps_per_epoch
@@ -82,11 +83,14 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
                            weight_decay=cfg.weight_decay, **impl)
 
 
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(device: torch.device, amp: str):
     """The autocast context for ``amp`` ('off', 'bf16', 'fp16') on ``device``'s type."""
     if amp == "off":
         return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
 def build_for_config(cfg: TrainConfig, num_classes: int, device: torch.device, info=None):
@@ -110,8 +114,9 @@ def _to_device(images, targets, device, channels_last: bool, num_classes: int):
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, dinfo, epoch, steps,
-                    num_classes, show_progress: bool = True):
-    """Train ``steps`` batches; returns a dict of epoch statistics (global over ranks)."""
+                    num_classes, show_progress: bool = True, graphed=None):
+    """Train ``steps`` batches (through ``graphed``, a GraphedLocalStep, when given); returns a dict of
+    epoch statistics (global over ranks)."""
     from tqdm import tqdm
 
     model.train()
@@ -129,11 +134,14 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, di
             break
         images, targets = _to_device(images, targets, device, cfg.channels_last, num_classes)
         optimizer.zero_grad(set_to_none=True)
-        meter = _activation_meter(model) if step == 0 and device.type == "cpu" and not cfg.compile else None
-        with meter or nullcontext(), autocast(device, cfg.amp):
-            out = model.local_step(images, targets, grad_scaler=scaler)
-        if meter is not None:
-            meter_peak = meter.peak_bytes
+        if graphed is not None:
+            out = graphed(images, targets, grad_scaler=scaler)
+        else:
+            meter = _activation_meter(model) if step == 0 and device.type == "cpu" and not cfg.compile else None
+            with meter or nullcontext(), autocast(device, cfg.amp):
+                out = model.local_step(images, targets, grad_scaler=scaler)
+            if meter is not None:
+                meter_peak = meter.peak_bytes
         allreduce_gradients(params, dinfo.world)
         if scaler is not None:
             scaler.step(optimizer)
@@ -243,6 +251,11 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
         broadcast_state(model)
         if cfg.compile:
             model.compile_modules()
+        graphed = None
+        if cfg.cuda_graphs:
+            if device.type != "cuda":
+                raise ValueError(f"cuda_graphs: CUDA graphs need a CUDA device, this run uses {device}")
+            graphed = GraphedLocalStep(model, amp_dtype=AMP_DTYPES[cfg.amp])
         run_dir = choose_run_dir(cfg, resume)
         if state is None and (run_dir / "last.pt").exists():
             raise FileExistsError(f"{run_dir} already holds a run (last.pt); continue it with --resume "
@@ -275,7 +288,7 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
         for epoch in range(start_epoch, cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)):
             sampler.set_epoch(epoch)
             stats = train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, dist_info,
-                                    epoch, steps, info.num_classes, show_progress=verbose)
+                                    epoch, steps, info.num_classes, show_progress=verbose, graphed=graphed)
             broadcast_state(model, buffers_only=True)  # BatchNorm statistics of rank 0, as DDP does
             test_loss, test_acc = evaluate(model, test_loader, device, cfg.amp, cfg.channels_last,
                                            info.num_classes)

@@ -1,0 +1,72 @@
+"""GraphedLocalStep: a replayed CUDA graph gives the eager step's gradients, step after step."""
+import copy
+
+import pytest
+import torch
+
+from mlaan_fast.models import GraphedLocalStep, build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only error")
+    with pytest.raises(RuntimeError, match="need a CUDA device"):
+        GraphedLocalStep(build_model("resnet20", K=3, method="mlaan"))
+
+
+def _train(model, steps, step_fn, batches):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    outs = []
+    for images, targets in batches[:steps]:
+        opt.zero_grad(set_to_none=True)
+        outs.append(step_fn(images, targets))
+        opt.step()
+        model.update_shadows()
+    return outs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method,overlap", [("mlaan", False), ("mlaan", True), ("dgl+mlaan", True),
+                                            ("infopro+mlaan", True)])
+def test_graph_replay_matches_eager(method, overlap):
+    torch.manual_seed(0)
+    eager = build_model("resnet20", K=4, method=method).cuda()
+    graphed_model = copy.deepcopy(eager)
+    graphed_model.options = {**graphed_model.options, "overlap": overlap}
+    g = torch.Generator(device="cuda").manual_seed(1)
+    batches = [(torch.randn(32, 3, 32, 32, device="cuda", generator=g),
+                torch.randint(0, 10, (32,), device="cuda", generator=g)) for _ in range(5)]
+    step = GraphedLocalStep(graphed_model, warmup=2)
+    want = _train(eager, 5, eager.local_step, batches)
+    got = _train(graphed_model, 5, step, batches)
+    assert step.num_graphs == 1  # steps 3..5 replayed the graph captured at step 3
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b["loss"], a["loss"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b["logits"], a["logits"], rtol=1e-3, atol=1e-4)
+    for (name, pa), pb in zip(eager.named_parameters(), graphed_model.parameters()):
+        torch.testing.assert_close(pb, pa, rtol=1e-3, atol=1e-4, msg=name)
+    for (name, ba), bb in zip(eager.named_buffers(), graphed_model.named_buffers()):
+        torch.testing.assert_close(bb[1], ba, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.gpu
+def test_graph_rejects_ambient_autocast_and_cpu_tensors():
+    model = build_model("resnet20", K=3, method="mlaan").cuda()
+    step = GraphedLocalStep(model, amp_dtype=torch.bfloat16)
+    x, t = torch.randn(4, 3, 32, 32, device="cuda"), torch.randint(0, 10, (4,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="outside torch.autocast"):
+        step(x, t)
+    with pytest.raises(ValueError, match="CUDA device"):
+        step(x.cpu(), t.cpu())
+
+
+@pytest.mark.gpu
+def test_other_batch_shapes_run_eagerly_beyond_max_graphs():
+    model = build_model("resnet20", K=3, method="mlaan").cuda()
+    step = GraphedLocalStep(model, warmup=1, max_graphs=1)
+    for n in (8, 8, 8, 5, 5, 5):
+        out = step(torch.randn(n, 3, 32, 32, device="cuda"), torch.randint(0, 10, (n,), device="cuda"))
+        assert out["logits"].shape == (n, 10)
+    assert step.num_graphs == 1
