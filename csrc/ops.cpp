@@ -1,25 +1,30 @@
 // Operator schemas of the mlaan_fast namespace and the Python module entry point.
-// Kernels register per backend in csrc/*_cpu.cpp (CPU) and kernels/*.cu (CUDA).
+// Kernels register per backend: EMA in csrc/ema_cpu.cpp (CPU) and kernels/ema.cu (CUDA); the
+// auxiliary-head loss in csrc/aux_head_ops.cpp (both).
 #include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(mlaan_fast, m) {
   // shadow[i] <- decay * shadow[i] + (1 - decay) * live[i], in place, for every i.
   m.def("ema_update_(Tensor(a!)[] shadow, Tensor[] live, float decay) -> ()");
-  // --- aux_head_loss schemas (GAP -> Linear -> softmax cross-entropy) ---
+  // --- aux_head_loss schemas (GAP -> Linear -> softmax cross-entropy), kernels in aux_head_ops.cpp ---
   // Per sample b: pooled = mean_hw(features[b]), logits = weight @ pooled + bias, lse = logsumexp,
   // losses[b] = cross-entropy with label smoothing. Outputs in float32 (float64 if an input is).
-  m.def("aux_head_loss_forward(Tensor features, Tensor weight, Tensor? bias, Tensor target, float label_smoothing)"
-        " -> (Tensor losses, Tensor logits, Tensor pooled, Tensor lse)");
+  // check_target: raise ValueError for a target outside [0, N). Forward: on every device, one host
+  // sync on CUDA, none while the current stream captures a CUDA graph. Backward: on the CPU only.
+  // An unchecked out-of-range target gives a NaN loss and NaN gradients, never a number.
+  m.def("aux_head_loss_forward(Tensor features, Tensor weight, Tensor? bias, Tensor target, float label_smoothing,"
+        " *, bool check_target=True) -> (Tensor losses, Tensor logits, Tensor pooled, Tensor lse)");
   m.def("aux_head_loss_forward_out(Tensor features, Tensor weight, Tensor? bias, Tensor target, float label_smoothing,"
-        " Tensor(a!) losses, Tensor(b!) logits, Tensor(c!) pooled, Tensor(d!) lse) -> ()");
+        " Tensor(a!) losses, Tensor(b!) logits, Tensor(c!) pooled, Tensor(d!) lse, *, bool check_target=True) -> ()");
   // d(features) from d(losses) [B] (+ d(logits) [B,N]), in features_dtype and layout.
   m.def("aux_head_loss_backward_input(Tensor grad_losses, Tensor? grad_logits, Tensor logits, Tensor lse,"
         " Tensor weight, Tensor target, float label_smoothing, SymInt[] features_shape,"
-        " ScalarType features_dtype, bool channels_last) -> Tensor");
+        " ScalarType features_dtype, bool channels_last, *, bool check_target=True) -> Tensor");
   // (d(weight) [N,C], d(bias) [N]) in the logits dtype, deterministic.
   m.def("aux_head_loss_backward_params(Tensor grad_losses, Tensor? grad_logits, Tensor logits, Tensor lse,"
-        " Tensor pooled, Tensor target, float label_smoothing) -> (Tensor grad_weight, Tensor grad_bias)");
+        " Tensor pooled, Tensor target, float label_smoothing, *, bool check_target=True)"
+        " -> (Tensor grad_weight, Tensor grad_bias)");
 }
 
 // `import mlaan_fast._C` loads the library, which runs the registrations above; the module

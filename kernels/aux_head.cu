@@ -1,24 +1,28 @@
 // Fused auxiliary-head loss on CUDA: global-average-pool -> Linear -> softmax cross-entropy.
 // Forward: one block per sample (pool into shared memory, logits, log-sum-exp, loss).
-// Backward: one block per sample for d(features); a tiled kernel for d(weight), d(bias) in which
-// every output element is summed over the batch in a fixed order (deterministic, no atomics).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+// Backward: one block per sample for d(features); for d(weight), d(bias) a tiled kernel over
+// batch splits plus an in-order sum of the splits (deterministic, no atomics).
+// Kernels and their launchers only: all checks, allocation and errors live in the g++-compiled
+// host code (csrc/aux_head_cuda.cpp); nothing here throws.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <limits>
 
-#include "aux_head.h"
-#include "checks.h"
+#include "aux_head_launch.h"
 
-namespace mlaan_fast::aux_head {
+namespace mlaan_fast::aux_head::launch {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t nan_value() {
+  return std::numeric_limits<acc_t>::quiet_NaN();
+}
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
@@ -66,6 +70,12 @@ __device__ __forceinline__ acc_t dlogit(acc_t g, acc_t z, acc_t lse, bool is_tar
   return g * (exp_(z - lse) - (is_target ? acc_t(1) - eps : acc_t(0)) - eps * inv_n);
 }
 
+// d(loss_b) scale of sample b: NaN when its target is outside [0, N), so its gradients are NaN.
+template <typename acc_t>
+__device__ __forceinline__ acc_t sample_grad(const acc_t* grad_losses, int64_t t, int64_t b, int N) {
+  return (t < 0 || t >= N) ? nan_value<acc_t>() : grad_losses[b];
+}
+
 struct FeatureGeometry {
   int64_t stride_b, stride_c, stride_h, stride_w;
   int C, W, HW;
@@ -85,7 +95,7 @@ __global__ void __launch_bounds__(kThreads) _aux_head_forward_kernel(
     const scalar_t* __restrict__ x, FeatureGeometry geo, const acc_t* __restrict__ weight,
     const acc_t* __restrict__ bias, const int64_t* __restrict__ target, int N, acc_t eps,
     acc_t* __restrict__ losses, acc_t* __restrict__ logits, acc_t* __restrict__ pooled,
-    acc_t* __restrict__ lse, int* __restrict__ bad_target) {
+    acc_t* __restrict__ lse) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* s_pool = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* s_logit = s_pool + geo.C;
@@ -159,15 +169,11 @@ __global__ void __launch_bounds__(kThreads) _aux_head_forward_kernel(
   for (int c = tid; c < C; c += kThreads) pooled[b * C + c] = s_pool[c];
   if (tid == 0) {
     // Non-finite logits (from non-finite features or weights) give a NaN loss, never a number.
-    const acc_t m = nonfinite == acc_t(0) ? zmax + log(se) : std::numeric_limits<acc_t>::quiet_NaN();
+    const acc_t m = nonfinite == acc_t(0) ? zmax + log(se) : nan_value<acc_t>();
     lse[b] = m;
     const int64_t t = target[b];
-    if (t < 0 || t >= N) {
-      atomicMax(bad_target, static_cast<int>(b));  // only the largest bad index is kept: order-free
-      losses[b] = std::numeric_limits<acc_t>::quiet_NaN();
-    } else {
-      losses[b] = m - (acc_t(1) - eps) * s_logit[t] - eps * zsum / acc_t(N);
-    }
+    // An unchecked out-of-range target (check_target=False, graph capture) gives a NaN loss.
+    losses[b] = (t < 0 || t >= N) ? nan_value<acc_t>() : m - (acc_t(1) - eps) * s_logit[t] - eps * zsum / acc_t(N);
   }
 }
 
@@ -182,8 +188,8 @@ __global__ void __launch_bounds__(kThreads) _aux_head_backward_input_kernel(
   acc_t* s_dl = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* s_dp = s_dl + N;
   const int64_t b = blockIdx.x;
-  const acc_t g = grad_losses[b], m = lse[b], inv_n = acc_t(1) / acc_t(N);
   const int64_t t = target[b];
+  const acc_t g = sample_grad(grad_losses, t, b, N), m = lse[b], inv_n = acc_t(1) / acc_t(N);
   for (int n = threadIdx.x; n < N; n += kThreads) {
     acc_t d = dlogit(g, logits[b * N + n], m, n == t, eps, inv_n);
     if (grad_logits != nullptr) d += grad_logits[b * N + n];
@@ -206,28 +212,34 @@ __global__ void __launch_bounds__(kThreads) _aux_head_backward_input_kernel(
   }
 }
 
-// Block: kLanes channel lanes x kGroups batch groups, tile of kTileN classes x kLanes channels.
-// Channel index C is a virtual column of ones, so that column of the tile is d(bias).
-constexpr int kLanes = 32, kGroups = 16, kTileN = 4;
+constexpr int kLanes = kParamsLanes, kGroups = kParamsGroups, kTileN = kParamsTileN;
 
+// Phase 1 of d(weight), d(bias). Block (x: class tile, y: channel tile, z: batch split) of
+// kLanes channel lanes x kGroups batch groups; group `grp` adds samples b_begin + grp,
+// b_begin + grp + kGroups, ... of the split, then the groups are added in order. Channel index C
+// is a virtual column of ones, so that column of the tile is d(bias). Writes workspace[split]
+// [N, C + 1] when workspace is given, else (a single split) grad_weight and grad_bias.
 template <typename acc_t>
 __global__ void __launch_bounds__(kLanes* kGroups) _aux_head_backward_params_kernel(
     const acc_t* __restrict__ grad_losses, const acc_t* __restrict__ grad_logits,
     const acc_t* __restrict__ logits, const acc_t* __restrict__ lse, const acc_t* __restrict__ pooled,
-    const int64_t* __restrict__ target, int B, int N, int C, acc_t eps, acc_t* __restrict__ grad_weight,
-    acc_t* __restrict__ grad_bias) {
+    const int64_t* __restrict__ target, int B, int N, int C, int per_split, acc_t eps,
+    acc_t* __restrict__ workspace, acc_t* __restrict__ grad_weight, acc_t* __restrict__ grad_bias) {
   __shared__ acc_t s_part[kGroups][kTileN][kLanes];
   const int lane = threadIdx.x, grp = threadIdx.y;
   const int c = blockIdx.y * kLanes + lane;
   const int n0 = blockIdx.x * kTileN;
+  const int split = blockIdx.z;
+  const int b_begin = split * per_split;  // < B: the host never launches an empty split
+  const int b_end = min(B, b_begin + per_split);
   const acc_t inv_n = acc_t(1) / acc_t(N);
   acc_t acc[kTileN];
 #pragma unroll
   for (int k = 0; k < kTileN; ++k) acc[k] = acc_t(0);
-  for (int b = grp; b < B; b += kGroups) {
+  for (int b = b_begin + grp; b < b_end; b += kGroups) {
     const acc_t p = c < C ? pooled[static_cast<int64_t>(b) * C + c] : (c == C ? acc_t(1) : acc_t(0));
-    const acc_t g = grad_losses[b], m = lse[b];
     const int64_t t = target[b];
+    const acc_t g = sample_grad(grad_losses, t, b, N), m = lse[b];
 #pragma unroll
     for (int k = 0; k < kTileN; ++k) {
       const int n = n0 + k;
@@ -246,163 +258,129 @@ __global__ void __launch_bounds__(kLanes* kGroups) _aux_head_backward_params_ker
     const int k = grp, n = n0 + k;
     acc_t s = acc_t(0);
     for (int q = 0; q < kGroups; ++q) s += s_part[q][k][lane];
-    if (n < N) {
-      if (c < C) grad_weight[static_cast<int64_t>(n) * C + c] = s;
-      else if (c == C && grad_bias != nullptr) grad_bias[n] = s;
+    if (n < N && c <= C) {
+      if (workspace != nullptr) workspace[(static_cast<int64_t>(split) * N + n) * (C + 1) + c] = s;
+      else if (c < C) grad_weight[static_cast<int64_t>(n) * C + c] = s;
+      else grad_bias[n] = s;
     }
   }
 }
 
-size_t forward_smem_bytes(int64_t C, int64_t N, size_t acc_size) {
-  return static_cast<size_t>(C + N + kThreads) * acc_size;
-}
-
-void launch_forward(const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                    const at::Tensor& target, double label_smoothing, at::Tensor& losses, at::Tensor& logits,
-                    at::Tensor& pooled, at::Tensor& lse) {
-  const char* op = "aux_head_loss_forward";
-  const c10::cuda::CUDAGuard guard(features.device());
-  const auto cdt = losses.scalar_type();
-  const at::Tensor x = (cdt == at::kDouble && features.scalar_type() != at::kDouble) ? features.to(at::kDouble) : features;
-  const Dims d = check_forward_inputs(op, x, weight, bias, target, label_smoothing);
-  MLAAN_CHECK_VALUE(d.C * d.H * d.W < (int64_t(1) << 31) && d.N < (int64_t(1) << 31) && d.B < (int64_t(1) << 31), op,
-                    ": sizes too large for the cuda backend (C*H*W, N and B must be < 2^31)");
-  const size_t smem = forward_smem_bytes(d.C, d.N, cdt == at::kDouble ? 8 : 4);
-  MLAAN_CHECK_VALUE(smem <= 48 * 1024, op, ": C + N = ", d.C + d.N, " is too large for the cuda backend ",
-                    "(shared memory ", smem, " bytes > 48 KiB); use the triton or reference backend");
-  const at::Tensor w = weight.to(cdt).contiguous();
-  const at::Tensor bvec = bias.has_value() ? bias->to(cdt).contiguous() : at::Tensor();
-  const at::Tensor t = target.contiguous();
-  at::Tensor bad = at::full({1}, -1, target.options().dtype(at::kInt));
-  FeatureGeometry geo{d.stride_b, d.stride_c, d.stride_h, d.stride_w, static_cast<int>(d.C), static_cast<int>(d.W),
-                      static_cast<int>(d.H * d.W), false, d.stride_h == d.W * d.stride_w || d.H == 1};
-  int64_t min_spatial = std::numeric_limits<int64_t>::max();
-  if (d.H > 1) min_spatial = std::min(min_spatial, d.stride_h);
-  if (d.W > 1) min_spatial = std::min(min_spatial, d.stride_w);
-  geo.channels_inner = d.stride_c <= min_spatial;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "aux_head_loss_forward_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    _aux_head_forward_kernel<scalar_t, acc_t><<<static_cast<unsigned>(d.B), kThreads, smem, stream>>>(
-        x.const_data_ptr<scalar_t>(), geo, w.const_data_ptr<acc_t>(),
-        bias.has_value() ? bvec.const_data_ptr<acc_t>() : nullptr, t.const_data_ptr<int64_t>(),
-        static_cast<int>(d.N), static_cast<acc_t>(label_smoothing), losses.data_ptr<acc_t>(), logits.data_ptr<acc_t>(),
-        pooled.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), bad.data_ptr<int>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  // The range check is on the device; this read waits for the kernel, before any result is used.
-  const int bad_index = bad.item<int>();
-  if (bad_index >= 0) check_target_range_cpu(op, t.cpu(), d.N);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& features, const at::Tensor& weight,
-                                                                        const std::optional<at::Tensor>& bias,
-                                                                        const at::Tensor& target, double label_smoothing) {
-  const Dims d = check_forward_inputs("aux_head_loss_forward", features, weight, bias, target, label_smoothing);
-  const auto opts = features.options().dtype(compute_dtype(features, weight));
-  at::Tensor losses = at::empty({d.B}, opts), logits = at::empty({d.B, d.N}, opts);
-  at::Tensor pooled = at::empty({d.B, d.C}, opts), lse = at::empty({d.B}, opts);
-  launch_forward(features, weight, bias, target, label_smoothing, losses, logits, pooled, lse);
-  return {losses, logits, pooled, lse};
-}
-
-void forward_out_cuda(const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                      const at::Tensor& target, double label_smoothing, at::Tensor losses, at::Tensor logits,
-                      at::Tensor pooled, at::Tensor lse) {
-  const char* op = "aux_head_loss_forward_out";
-  const Dims d = check_forward_inputs(op, features, weight, bias, target, label_smoothing);
-  const auto cdt = compute_dtype(features, weight);
-  const std::pair<const char*, const at::Tensor*> outs[] = {{"losses", &losses}, {"logits", &logits}, {"pooled", &pooled}, {"lse", &lse}};
-  const int64_t widths[] = {0, d.N, d.C, 0};
-  for (int i = 0; i < 4; ++i) {
-    const at::Tensor& o = *outs[i].second;
-    const bool shape_ok = widths[i] == 0 ? (o.dim() == 1 && o.size(0) == d.B)
-                                         : (o.dim() == 2 && o.size(0) == d.B && o.size(1) == widths[i]);
-    MLAAN_CHECK_VALUE(shape_ok, op, ": ", outs[i].first, " has the wrong shape ", o.sizes());
-    MLAAN_CHECK_TYPE(o.scalar_type() == cdt, op, ": ", outs[i].first, " must be ", cdt, ", got ", o.scalar_type());
-    MLAAN_CHECK_VALUE(o.is_contiguous() && o.device() == features.device(), op, ": ", outs[i].first,
-                      " must be contiguous and on ", features.device());
+// Phase 2: element i of [N, C + 1] is the sum of workspace[0][i], workspace[1][i], ... in order.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) _aux_head_backward_params_sum_kernel(
+    const acc_t* __restrict__ workspace, int splits, int N, int C, acc_t* __restrict__ grad_weight,
+    acc_t* __restrict__ grad_bias) {
+  const int64_t per_split = static_cast<int64_t>(N) * (C + 1);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < per_split; i += step) {
+    acc_t s = acc_t(0);
+    for (int k = 0; k < splits; ++k) s += workspace[k * per_split + i];
+    const int64_t n = i / (C + 1), c = i - n * (C + 1);
+    if (c < C) grad_weight[n * C + c] = s;
+    else grad_bias[n] = s;
   }
-  launch_forward(features, weight, bias, target, label_smoothing, losses, logits, pooled, lse);
 }
 
-at::Tensor backward_input_cuda(const at::Tensor& grad_losses, const std::optional<at::Tensor>& grad_logits,
-                               const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& weight,
-                               const at::Tensor& target, double label_smoothing, at::IntArrayRef features_shape,
-                               at::ScalarType features_dtype, bool channels_last) {
-  const char* op = "aux_head_loss_backward_input";
-  const auto [B, N] = check_backward_inputs(op, grad_losses, grad_logits, logits, lse, target, label_smoothing);
-  MLAAN_CHECK_VALUE(features_shape.size() == 2 || features_shape.size() == 4, op,
-                    ": features_shape must have 2 or 4 entries, got ", features_shape);
-  MLAAN_CHECK_VALUE(features_shape[0] == B, op, ": features_shape[0] = ", features_shape[0], " but B = ", B);
-  MLAAN_CHECK_VALUE(!channels_last || features_shape.size() == 4, op, ": channels_last needs 4-D features");
-  MLAAN_CHECK_TYPE(at::isFloatingType(features_dtype), op, ": features_dtype must be floating point");
-  const int64_t C = features_shape[1];
-  const int64_t HW = features_shape.size() == 4 ? features_shape[2] * features_shape[3] : 1;
-  MLAAN_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == N && weight.size(1) == C, op, ": weight must be [", N,
-                    ", ", C, "], got shape ", weight.sizes());
-  MLAAN_CHECK_VALUE(weight.device() == logits.device(), op, ": weight is on ", weight.device(),
-                    " but logits are on ", logits.device());
-  MLAAN_CHECK_VALUE(C * HW < (int64_t(1) << 31), op, ": C*H*W too large for the cuda backend");
-  const auto cdt = logits.scalar_type();
-  const size_t smem = static_cast<size_t>(N + C) * (cdt == at::kDouble ? 8 : 4);
-  MLAAN_CHECK_VALUE(smem <= 48 * 1024, op, ": C + N = ", C + N, " is too large for the cuda backend");
-  const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor out = at::empty(features_shape, logits.options().dtype(features_dtype).memory_format(
-                                                 channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
-  const at::Tensor w = weight.to(cdt).contiguous();
-  const at::Tensor z = logits.contiguous(), g = grad_losses.contiguous(), m = lse.contiguous(), t = target.contiguous();
-  const at::Tensor gl = grad_logits.has_value() ? grad_logits->contiguous() : at::Tensor();
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(cdt, "aux_head_loss_backward_input_cuda", [&] {
-    using acc_t = scalar_t;
-    const acc_t* glp = grad_logits.has_value() ? gl.const_data_ptr<acc_t>() : nullptr;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features_dtype, "aux_head_loss_backward_input_store", [&] {
-      _aux_head_backward_input_kernel<scalar_t, acc_t><<<static_cast<unsigned>(B), kThreads, smem, stream>>>(
-          g.const_data_ptr<acc_t>(), glp, z.const_data_ptr<acc_t>(), m.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
-          t.const_data_ptr<int64_t>(), static_cast<int>(N), static_cast<int>(C), static_cast<int>(HW),
-          static_cast<acc_t>(label_smoothing), channels_last, out.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  return out;
+// --- launchers ----------------------------------------------------------------------------------
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<float>) or f(Tag<double>) for an accumulator dtype; an invalid value otherwise.
+template <typename F>
+int with_acc(DType dt, F&& f) {
+  if (dt == DType::kFloat32) return f(Tag<float>{});
+  if (dt == DType::kFloat64) return f(Tag<double>{});
+  return cudaErrorInvalidValue;
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_params_cuda(const at::Tensor& grad_losses,
-                                                        const std::optional<at::Tensor>& grad_logits,
-                                                        const at::Tensor& logits, const at::Tensor& lse,
-                                                        const at::Tensor& pooled, const at::Tensor& target,
-                                                        double label_smoothing) {
-  const char* op = "aux_head_loss_backward_params";
-  const auto [B, N] = check_backward_params_inputs(op, grad_losses, grad_logits, logits, lse, pooled, target,
-                                                   label_smoothing);
-  const int64_t C = pooled.size(1);
-  MLAAN_CHECK_VALUE(B * std::max(N, C + 1) < (int64_t(1) << 31), op, ": sizes too large for the cuda backend");
-  const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor gw = at::empty({N, C}, logits.options()), gb = at::empty({N}, logits.options());
-  const at::Tensor z = logits.contiguous(), g = grad_losses.contiguous(), m = lse.contiguous(), t = target.contiguous();
-  const at::Tensor p = pooled.contiguous();
-  const at::Tensor gl = grad_logits.has_value() ? grad_logits->contiguous() : at::Tensor();
-  const dim3 grid(static_cast<unsigned>((N + kTileN - 1) / kTileN), static_cast<unsigned>((C + 1 + kLanes - 1) / kLanes));
-  const dim3 block(kLanes, kGroups);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "aux_head_loss_backward_params_cuda", [&] {
-    _aux_head_backward_params_kernel<scalar_t><<<grid, block, 0, stream>>>(
-        g.const_data_ptr<scalar_t>(), grad_logits.has_value() ? gl.const_data_ptr<scalar_t>() : nullptr,
-        z.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(),
-        t.const_data_ptr<int64_t>(), static_cast<int>(B), static_cast<int>(N), static_cast<int>(C),
-        static_cast<scalar_t>(label_smoothing), gw.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {gw, gb};
+// Calls f(Tag<T>) for a storage dtype (float, double, half, bfloat16).
+template <typename F>
+int with_storage(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat32: return f(Tag<float>{});
+    case DType::kFloat64: return f(Tag<double>{});
+    case DType::kFloat16: return f(Tag<c10::Half>{});
+    case DType::kBFloat16: return f(Tag<c10::BFloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+FeatureGeometry geometry(const Forward& a) {
+  FeatureGeometry geo{a.stride_b, a.stride_c, a.stride_h, a.stride_w, a.C, a.W, a.H * a.W, false,
+                      a.stride_h == a.W * a.stride_w || a.H == 1};
+  int64_t min_spatial = std::numeric_limits<int64_t>::max();
+  if (a.H > 1) min_spatial = a.stride_h < min_spatial ? a.stride_h : min_spatial;
+  if (a.W > 1) min_spatial = a.stride_w < min_spatial ? a.stride_w : min_spatial;
+  geo.channels_inner = a.stride_c <= min_spatial;
+  return geo;
+}
+
+template <typename scalar_t, typename acc_t>
+int forward_typed(const Forward& a, Stream stream) {
+  const size_t smem = forward_smem_bytes(a.C, a.N, sizeof(acc_t));
+  _aux_head_forward_kernel<scalar_t, acc_t><<<static_cast<unsigned>(a.B), kThreads, smem, stream>>>(
+      static_cast<const scalar_t*>(a.x), geometry(a), static_cast<const acc_t*>(a.weight),
+      static_cast<const acc_t*>(a.bias), a.target, a.N, static_cast<acc_t>(a.label_smoothing),
+      static_cast<acc_t*>(a.losses), static_cast<acc_t*>(a.logits), static_cast<acc_t*>(a.pooled),
+      static_cast<acc_t*>(a.lse));
+  return cudaGetLastError();
 }
 
 }  // namespace
-}  // namespace mlaan_fast::aux_head
 
-TORCH_LIBRARY_IMPL(mlaan_fast, CUDA, m) {
-  m.impl("aux_head_loss_forward", &mlaan_fast::aux_head::forward_cuda);
-  m.impl("aux_head_loss_forward_out", &mlaan_fast::aux_head::forward_out_cuda);
-  m.impl("aux_head_loss_backward_input", &mlaan_fast::aux_head::backward_input_cuda);
-  m.impl("aux_head_loss_backward_params", &mlaan_fast::aux_head::backward_params_cuda);
+// Features are read as stored and accumulated in float32, or float64 when both are float64.
+int forward(const Forward& a, Stream stream) {
+  if (a.acc_dtype == DType::kFloat64 && a.x_dtype == DType::kFloat64) return forward_typed<double, double>(a, stream);
+  if (a.acc_dtype != DType::kFloat32) return cudaErrorInvalidValue;
+  switch (a.x_dtype) {
+    case DType::kFloat32: return forward_typed<float, float>(a, stream);
+    case DType::kFloat16: return forward_typed<c10::Half, float>(a, stream);
+    case DType::kBFloat16: return forward_typed<c10::BFloat16, float>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
+
+int backward_input(const BackwardInput& a, Stream stream) {
+  return with_acc(a.acc_dtype, [&](auto acc_tag) {
+    using acc_t = typename decltype(acc_tag)::type;
+    return with_storage(a.out_dtype, [&](auto out_tag) {
+      using scalar_t = typename decltype(out_tag)::type;
+      const size_t smem = static_cast<size_t>(a.N + a.C) * sizeof(acc_t);
+      _aux_head_backward_input_kernel<scalar_t, acc_t><<<static_cast<unsigned>(a.B), kThreads, smem, stream>>>(
+          static_cast<const acc_t*>(a.grad_losses), static_cast<const acc_t*>(a.grad_logits),
+          static_cast<const acc_t*>(a.logits), static_cast<const acc_t*>(a.lse), static_cast<const acc_t*>(a.weight),
+          a.target, a.N, a.C, a.HW, static_cast<acc_t>(a.label_smoothing), a.channels_last,
+          static_cast<scalar_t*>(a.out));
+      return static_cast<int>(cudaGetLastError());
+    });
+  });
+}
+
+int backward_params(const BackwardParams& a, Stream stream) {
+  return with_acc(a.acc_dtype, [&](auto acc_tag) {
+    using acc_t = typename decltype(acc_tag)::type;
+    const int splits = a.split.splits;
+    acc_t* workspace = splits > 1 ? static_cast<acc_t*>(a.workspace) : nullptr;
+    const unsigned tiles_n = (a.N + kTileN - 1) / kTileN, tiles_c = (a.C + 1 + kLanes - 1) / kLanes;
+    const dim3 grid(tiles_n, tiles_c, static_cast<unsigned>(splits));
+    _aux_head_backward_params_kernel<acc_t><<<grid, dim3(kLanes, kGroups), 0, stream>>>(
+        static_cast<const acc_t*>(a.grad_losses), static_cast<const acc_t*>(a.grad_logits),
+        static_cast<const acc_t*>(a.logits), static_cast<const acc_t*>(a.lse), static_cast<const acc_t*>(a.pooled),
+        a.target, a.B, a.N, a.C, a.split.per_split, static_cast<acc_t>(a.label_smoothing), workspace,
+        static_cast<acc_t*>(a.grad_weight), static_cast<acc_t*>(a.grad_bias));
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess || workspace == nullptr) return static_cast<int>(err);
+    const int64_t elements = static_cast<int64_t>(a.N) * (a.C + 1);
+    // The kernel strides over the elements beyond 4096 blocks.
+    const auto blocks = static_cast<unsigned>(std::min<int64_t>((elements + kThreads - 1) / kThreads, 4096));
+    _aux_head_backward_params_sum_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(
+        workspace, splits, a.N, a.C, static_cast<acc_t*>(a.grad_weight), static_cast<acc_t*>(a.grad_bias));
+    return static_cast<int>(cudaGetLastError());
+  });
+}
+
+}  // namespace mlaan_fast::aux_head::launch

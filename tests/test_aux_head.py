@@ -1,4 +1,6 @@
 """Fused auxiliary-head loss: every backend against the plain-PyTorch reference."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -205,6 +207,26 @@ def test_opcheck_cpp_ops():
     torch.library.opcheck(ops.aux_head_loss_backward_input.default,
                           (g, gl, logits, lse, w, t, 0.1, [3, 6, 2, 2], torch.float32, False))
     torch.library.opcheck(ops.aux_head_loss_backward_params.default, (g, None, logits, lse, pooled, t, 0.1))
+    unchecked = {"check_target": False}
+    torch.library.opcheck(ops.aux_head_loss_forward.default, (x, w, b, t, 0.1), unchecked)
+    torch.library.opcheck(ops.aux_head_loss_forward_out.default, (x, w, b, t, 0.1, *outs), unchecked)
+    torch.library.opcheck(ops.aux_head_loss_backward_input.default,
+                          (g, None, logits, lse, w, t, 0.0, [3, 6, 2, 2], torch.float32, True), unchecked)
+    torch.library.opcheck(ops.aux_head_loss_backward_params.default, (g, gl, logits, lse, pooled, t, 0.1), unchecked)
+
+
+@needs_cpp
+def test_opcheck_custom_ops_unchecked_target_cpu():
+    x, w, b, t = make_inputs(3, 6, 2, 2, 4, "nchw")
+    fwd = torch.ops.mlaan_fast.aux_head_fused_forward.default
+    torch.library.opcheck(fwd, (x, w, b, t, 0.1, "cpu", False))
+    with torch.no_grad():
+        _, logits, pooled, lse = fwd(x, w, b, t, 0.1, "cpu", False)
+    g = torch.randn(3)
+    torch.library.opcheck(torch.ops.mlaan_fast.aux_head_fused_backward_input.default,
+                          (g, None, logits, lse, w.detach(), t, 0.1, [3, 6, 2, 2], torch.float32, False, "cpu", False))
+    torch.library.opcheck(torch.ops.mlaan_fast.aux_head_fused_backward_params.default,
+                          (g, None, logits, lse, pooled, t, 0.1, "cpu", False))
 
 
 @needs_cpp
@@ -366,6 +388,102 @@ def test_triton_kernel_checks_target_range():
         tk.forward(torch.randn(3, 4, 2, 2), torch.randn(5, 4), None, torch.tensor([0, 1, 9]), 0.0)
 
 
+def _with_bad_target(B=6, C=8, N=5, bad_index=2, bad_value=5):
+    x, w, b, t = make_inputs(B, C, 3, 3, N, "channels_last")
+    t = t.clone()
+    t[bad_index] = bad_value
+    return x, w, b, t
+
+
+@pytest.mark.parametrize("backend", _backends("reference", "cpu", "triton"))
+@pytest.mark.parametrize("bad_value", [5, -1, 1 << 40])
+def test_unchecked_bad_target_gives_nan(backend, bad_value):
+    """check_target=False: no error, a NaN loss (and NaN gradients) for the bad sample, the rest exact."""
+    x, w, b, t = _with_bad_target(bad_value=bad_value)
+    with use_backend(backend):
+        per_sample = aux_head_loss(x, w, b, t, reduction="none", label_smoothing=0.1, check_target=False)
+        mean = aux_head_loss(x, w, b, t, label_smoothing=0.1, check_target=False)
+    good = torch.arange(6) != 2
+    assert torch.isnan(per_sample[2]) and torch.isnan(mean)
+    ref = aux_head_loss_reference(x[good], w, b, t[good], reduction="none", label_smoothing=0.1)
+    torch.testing.assert_close(per_sample[good], ref)
+    gx, gw, gb = torch.autograd.grad(per_sample.sum(), (x, w, b))
+    assert torch.isnan(gx[2]).all() and torch.isfinite(gx[good]).all()
+    assert torch.isnan(gw).all() and torch.isnan(gb).all()
+
+
+@pytest.mark.parametrize("backend", _backends("reference", "cpu", "triton"))
+def test_unchecked_target_skips_the_python_check(backend, monkeypatch):
+    """check_target=False never reaches the (host-syncing) range check."""
+    import mlaan_fast.ops.aux_head as ah
+
+    def forbidden(*args):
+        raise AssertionError("check_target_range called with check_target=False")
+
+    monkeypatch.setattr(ah, "check_target_range", forbidden)
+    if TRITON_ON_CPU:
+        from mlaan_fast.triton import aux_head as tk
+
+        monkeypatch.setattr(tk, "check_target_range", forbidden)
+    x, w, b, t = make_inputs(4, 8, 2, 2, 5, "nchw")
+    with use_backend(backend):
+        loss = aux_head_loss(x, w, b, t, check_target=False)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", _backends("reference", "cpu", "triton"))
+def test_checked_bad_target_raises_first_index(backend):
+    x, w, b, t = _with_bad_target()
+    t[4] = -3
+    with use_backend(backend), pytest.raises(ValueError, match=r"target\[2\] = 5 is outside the class range \[0, 5\)"):
+        aux_head_loss(x, w, b, t, check_target=True)
+
+
+@needs_cpp
+def test_cpp_op_target_check_flag():
+    """The C++ ops raise the clear error by default and give NaN (no error) with check_target=False."""
+    x, w, b, t = (v.detach() for v in _with_bad_target())
+    ops = torch.ops.mlaan_fast
+    for kwargs in ({}, {"check_target": True}):
+        with pytest.raises(ValueError, match=r"aux_head_loss_forward: target\[2\] = 5"):
+            ops.aux_head_loss_forward(x, w, b, t, 0.0, **kwargs)
+    outs = [torch.full(s, 7.0) for s in ((6,), (6, 5), (6, 8), (6,))]
+    with pytest.raises(ValueError, match=r"target\[2\] = 5"):
+        ops.aux_head_loss_forward_out(x, w, b, t, 0.0, *outs)
+    assert (outs[0] == 7.0).all(), "the check runs before the kernel"
+    losses, logits, pooled, lse = ops.aux_head_loss_forward(x, w, b, t, 0.0, check_target=False)
+    assert torch.isnan(losses[2]) and torch.isfinite(losses[torch.arange(6) != 2]).all()
+    ops.aux_head_loss_forward_out(x, w, b, t, 0.0, *outs, check_target=False)
+    assert torch.equal(outs[0].isnan(), losses.isnan())
+    g = torch.ones(6)
+    gw, gb = ops.aux_head_loss_backward_params(g, None, logits, lse, pooled, t, 0.0, check_target=False)
+    assert torch.isnan(gw).all() and torch.isnan(gb).all()
+    gx = ops.aux_head_loss_backward_input(g, None, logits, lse, w, t, 0.0, [6, 8, 3, 3], torch.float32, False,
+                                          check_target=False)
+    assert torch.isnan(gx[2]).all() and torch.isfinite(gx[torch.arange(6) != 2]).all()
+
+
+@needs_triton_cpu
+def test_triton_forward_unchecked_gives_nan():
+    from mlaan_fast.triton import aux_head as tk
+
+    losses, *_ = tk.forward(torch.randn(3, 4, 2, 2), torch.randn(5, 4), None, torch.tensor([0, 1, 9]), 0.0,
+                            check_target=False)
+    assert torch.isnan(losses[2]) and torch.isfinite(losses[:2]).all()
+
+
+@pytest.mark.parametrize("backend", _backends("cpu", "triton"))
+def test_linear_aux_head_check_target_option(backend):
+    head = LinearAuxHead(8, 5, check_target=False)
+    x, _, _, t = _with_bad_target()
+    with use_backend(backend):
+        assert torch.isnan(head(x, t))
+        with pytest.raises(ValueError, match=r"target\[2\] = 5"):
+            head(x, t, check_target=True)
+    assert "check_target=False" in repr(head)
+
+
 @pytest.mark.parametrize("backend", _backends("cpu", "triton"))
 def test_linear_aux_head_fused_matches_unfused(backend):
     torch.manual_seed(3)
@@ -399,7 +517,9 @@ GPU_BACKENDS = ["cuda", "triton"]
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("case", SMALL_CASES + LARGE_CASES + [(256, 512, 7, 7, 1000, "nchw", "mean", 0.1, True),
-                                                              (1024, 2048, 1, 1, 1000, "flat", "sum", 0.0, True)],
+                                                              (1024, 2048, 1, 1, 1000, "flat", "sum", 0.0, True),
+                                                              (1000, 33, 3, 3, 10, "nchw", "none", 0.1, True),
+                                                              (4099, 16, 2, 2, 2, "channels_last", "sum", 0.0, False)],
                          ids=lambda c: "-".join(map(str, c)))
 def test_gpu_matches_reference(backend, case):
     B, C, H, W, N, layout, reduction, ls, bias = case
@@ -474,3 +594,80 @@ def test_gpu_compile_fullgraph(backend):
         loss.backward()
     ref = aux_head_loss_reference(x, head.fc.weight, head.fc.bias, t)
     torch.testing.assert_close(loss, ref)
+
+
+@pytest.mark.gpu
+def test_gpu_cpp_op_bad_target_raises():
+    """A direct CUDA op call with a bad target raises ValueError (and the process stays usable)."""
+    x, w, b, t = (v.detach() for v in make_inputs(8, 16, 4, 4, 10, "nchw", device="cuda"))
+    t[5] = 10
+    ops = torch.ops.mlaan_fast
+    with pytest.raises(ValueError, match=r"target\[5\] = 10"):
+        ops.aux_head_loss_forward(x, w, b, t, 0.0)
+    outs = [torch.empty(s, device="cuda") for s in ((8,), (8, 10), (8, 16), (8,))]
+    with pytest.raises(ValueError, match=r"target\[5\] = 10"):
+        ops.aux_head_loss_forward_out(x, w, b, t, 0.0, *outs)
+    losses = ops.aux_head_loss_forward(x, w, b, t, 0.0, check_target=False)[0]
+    assert torch.isnan(losses[5]) and torch.isfinite(losses[torch.arange(8, device="cuda") != 5]).all()
+    torch.cuda.synchronize()
+
+
+def _count_syncs(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(c.message) for c in caught)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_forward_syncs_once_when_checking_never_otherwise(backend):
+    x, w, b, t = (v.detach() for v in make_inputs(64, 16, 4, 4, 10, "nchw", device="cuda"))
+    with use_backend(backend):
+        aux_head_loss(x, w, b, t)  # warm up: backend choice, compilation
+        torch.cuda.synchronize()
+        assert _count_syncs(lambda: aux_head_loss(x, w, b, t)) == 1
+        assert _count_syncs(lambda: aux_head_loss(x, w, b, t, check_target=False)) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_forward_in_cuda_graph(backend):
+    """check_target=True captures (no sync while capturing); replay equals eager; a bad target -> NaN."""
+    x, w, b, t = (v.detach() for v in make_inputs(64, 16, 4, 4, 10, "nchw", device="cuda"))
+    with use_backend(backend):
+        eager = aux_head_loss(x, w, b, t, label_smoothing=0.1)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            aux_head_loss(x, w, b, t, label_smoothing=0.1)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_loss = aux_head_loss(x, w, b, t, label_smoothing=0.1, check_target=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_loss, eager)
+    t[5] = 10
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isnan(static_loss)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_unchecked_bad_target_gives_nan(backend):
+    x, w, b, t = make_inputs(1024, 16, 4, 4, 10, "nchw", device="cuda")
+    t = t.clone()
+    t[700] = -1
+    with use_backend(backend):
+        per_sample = aux_head_loss(x, w, b, t, reduction="none", check_target=False)
+    good = torch.arange(1024, device="cuda") != 700
+    assert torch.isnan(per_sample[700]) and torch.isfinite(per_sample[good]).all()
+    gx, gw, gb = torch.autograd.grad(per_sample.sum(), (x, w, b))
+    assert torch.isnan(gx[700]).all() and torch.isfinite(gx[good]).all()
+    assert torch.isnan(gw).all() and torch.isnan(gb).all()

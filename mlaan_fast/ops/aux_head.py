@@ -4,6 +4,11 @@
 custom op ``mlaan_fast::aux_head_fused_forward``, whose autograd formula calls
 ``aux_head_fused_backward_input`` / ``aux_head_fused_backward_params`` only for the inputs that
 need a gradient. The forward keeps logits [B,N], pooled [B,C] and log-sum-exp [B] for backward.
+
+Target range: with ``check_target=True`` (default) a target outside [0, N) raises ValueError
+before any kernel runs, at the cost of one host sync per forward on a GPU (none on a CPU, none
+while a CUDA graph is being captured). With ``check_target=False`` nothing syncs and such a
+target gives a NaN loss and NaN gradients, never a number.
 """
 from __future__ import annotations
 
@@ -25,40 +30,66 @@ def compute_dtype(features: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def aux_head_loss_reference(features, weight, bias, target, *, reduction="mean", label_smoothing=0.0,
-                            return_logits=False):
-    """Plain PyTorch composition, the ground truth: same arguments and results as :func:`aux_head_loss`."""
+                            return_logits=False, check_target=True):
+    """Plain PyTorch composition, the ground truth: same arguments and results as :func:`aux_head_loss`.
+
+    It does not check the target range itself: with ``check_target=False`` a target outside
+    [0, N) gives NaN (loss and gradients, no host sync), else F.cross_entropy's own behaviour."""
     cdt = compute_dtype(features, weight)
     with torch.autocast(features.device.type, enabled=False):
         x = features.to(cdt)
         pooled = x.mean(dim=(2, 3)) if x.dim() == 4 else x
         logits = F.linear(pooled, weight.to(cdt), None if bias is None else bias.to(cdt))
-        loss = F.cross_entropy(logits, target, reduction=reduction, label_smoothing=label_smoothing)
+        if check_target:
+            loss = F.cross_entropy(logits, target, reduction=reduction, label_smoothing=label_smoothing)
+        else:
+            loss = _reduce(_unchecked_cross_entropy(logits, target, label_smoothing), reduction)
     return (loss, logits) if return_logits else loss
 
 
-def aux_head_loss(features, weight, bias, target, *, reduction="mean", label_smoothing=0.0, return_logits=False):
+def _unchecked_cross_entropy(logits, target, label_smoothing):
+    """Per-sample cross-entropy [B], NaN (value and gradient) where target is outside [0, N)."""
+    valid = (target >= 0) & (target < logits.shape[1])
+    losses = F.cross_entropy(logits, torch.where(valid, target, 0), reduction="none", label_smoothing=label_smoothing)
+    return losses * torch.where(valid, 1.0, float("nan")).to(losses.dtype)
+
+
+def _reduce(losses, reduction):
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum()
+    return losses
+
+
+def aux_head_loss(features, weight, bias, target, *, reduction="mean", label_smoothing=0.0, return_logits=False,
+                  check_target=True):
     """features [B,C,H,W] (any strides) or [B,C], fp32/bf16/fp16/fp64; weight [N,C]; bias [N] or None;
-    target int64 [B] -> loss (fp32, fp64 if an input is), or (loss, logits [B,N]) with ``return_logits``."""
+    target int64 [B] -> loss (fp32, fp64 if an input is), or (loss, logits [B,N]) with ``return_logits``.
+
+    ``check_target=True`` raises ValueError for a target outside [0, N): one host sync per call on
+    a GPU, none while a CUDA graph is being captured. ``check_target=False`` never syncs (for
+    callers that validated the labels on the host); a target outside [0, N) then gives a NaN loss
+    (NaN per-sample loss with ``reduction="none"``) and NaN gradients, never a silent number."""
     _check_inputs(features, weight, bias, target, reduction, label_smoothing)
     backend = _backend_for(features.device.type, features.device.index)
     eager = not torch.compiler.is_compiling()
+    check_target = bool(check_target)
     if backend == "reference":
-        if eager:
-            _check_target_range(target, weight.shape[0])
+        checked = check_target and not _capturing(target)
+        if checked and eager:
+            check_target_range(target, weight.shape[0])
         return aux_head_loss_reference(features, weight, bias, target, reduction=reduction,
-                                       label_smoothing=label_smoothing, return_logits=return_logits)
+                                       label_smoothing=label_smoothing, return_logits=return_logits,
+                                       check_target=checked)
     if eager:
         # Same kernels and formulas as the custom op, without its Python dispatch layers.
-        losses, logits = _EagerAuxHead.apply(features, weight, bias, target, float(label_smoothing), backend)
+        losses, logits = _EagerAuxHead.apply(features, weight, bias, target, float(label_smoothing), backend,
+                                             check_target)
     else:
         losses, logits, _, _ = torch.ops.mlaan_fast.aux_head_fused_forward(
-            features, weight, bias, target, float(label_smoothing), backend)
-    if reduction == "mean":
-        loss = losses.mean()
-    elif reduction == "sum":
-        loss = losses.sum()
-    else:
-        loss = losses
+            features, weight, bias, target, float(label_smoothing), backend, check_target)
+    loss = _reduce(losses, reduction)
     return (loss, logits) if return_logits else loss
 
 
@@ -117,12 +148,17 @@ def _check_inputs(features, weight, bias, target, reduction, label_smoothing) ->
         raise ValueError(f"{_OP}: label_smoothing must be in [0, 1], got {label_smoothing}")
 
 
-def _check_target_range(target: torch.Tensor, num_classes: int) -> None:
-    lo, hi = torch.aminmax(target)
-    if int(lo) < 0 or int(hi) >= num_classes:
-        bad = (target < 0) | (target >= num_classes)
-        i = int(bad.nonzero()[0, 0])
+def check_target_range(target: torch.Tensor, num_classes: int) -> None:
+    """Raises ValueError naming the first target outside [0, num_classes); one host sync on a GPU."""
+    lo, hi = torch.stack(torch.aminmax(target)).tolist()
+    if lo < 0 or hi >= num_classes:
+        i = int(((target < 0) | (target >= num_classes)).nonzero()[0, 0])
         raise ValueError(f"{_OP}: target[{i}] = {int(target[i])} is outside the class range [0, {num_classes})")
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """True while the current CUDA stream captures a graph (a host sync would break it)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _is_channels_last(features: torch.Tensor) -> bool:
@@ -145,29 +181,29 @@ def _check_backend(backend: str) -> None:
 
 @torch.library.custom_op("mlaan_fast::aux_head_fused_forward", mutates_args=())
 def _fused_forward(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   target: torch.Tensor, label_smoothing: float, backend: str
+                   target: torch.Tensor, label_smoothing: float, backend: str, check_target: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (per-sample losses [B], logits [B,N], pooled [B,C], log-sum-exp [B]) in the compute dtype."""
-    return _forward_impl(features, weight, bias, target, label_smoothing, backend)
+    return _forward_impl(features, weight, bias, target, label_smoothing, backend, check_target)
 
 
-def _forward_impl(features, weight, bias, target, label_smoothing, backend):
+def _forward_impl(features, weight, bias, target, label_smoothing, backend, check_target):
+    # Each backend checks the target range itself, before its kernel (see aux_head_loss).
     _check_backend(backend)
     if backend == "triton":
         cdt = compute_dtype(features, weight)
         return _triton().forward(features, weight.to(cdt), None if bias is None else bias.to(cdt), target,
-                                 label_smoothing)  # checks the target range on the device itself
-    # Checked here, before any kernel (one host sync on CUDA); the C++ op checks again.
-    _check_target_range(target, weight.shape[0])
-    return torch.ops.mlaan_fast.aux_head_loss_forward(features, weight, bias, target, label_smoothing)
+                                 label_smoothing, check_target=check_target)
+    return torch.ops.mlaan_fast.aux_head_loss_forward(features, weight, bias, target, label_smoothing,
+                                                      check_target=check_target)
 
 
 @_fused_forward.register_fake
-def _(features, weight, bias, target, label_smoothing, backend):
+def _(features, weight, bias, target, label_smoothing, backend, check_target=True):
     return _forward_fake(features, weight, bias, target, label_smoothing)
 
 
-def _forward_fake(features, weight, bias, target, label_smoothing):
+def _forward_fake(features, weight, bias, target, label_smoothing, *, check_target=True):
     cdt = compute_dtype(features, weight)
     B, C, N = features.shape[0], features.shape[1], weight.shape[0]
     return (features.new_empty((B,), dtype=cdt), features.new_empty((B, N), dtype=cdt),
@@ -178,26 +214,26 @@ def _forward_fake(features, weight, bias, target, label_smoothing):
 def _fused_backward_input(grad_losses: torch.Tensor, grad_logits: Optional[torch.Tensor], logits: torch.Tensor,
                           lse: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, label_smoothing: float,
                           features_shape: list[int], features_dtype: torch.dtype, channels_last: bool,
-                          backend: str) -> torch.Tensor:
+                          backend: str, check_target: bool = True) -> torch.Tensor:
     """-> d(features) of shape ``features_shape`` in ``features_dtype`` (channels_last or contiguous)."""
     return _backward_input_impl(grad_losses, grad_logits, logits, lse, weight, target, label_smoothing,
-                                features_shape, features_dtype, channels_last, backend)
+                                features_shape, features_dtype, channels_last, backend, check_target)
 
 
 def _backward_input_impl(grad_losses, grad_logits, logits, lse, weight, target, label_smoothing,
-                         features_shape, features_dtype, channels_last, backend):
+                         features_shape, features_dtype, channels_last, backend, check_target):
     _check_backend(backend)
     if backend == "triton":
         return _triton().backward_input(grad_losses, grad_logits, logits, lse, weight, target, label_smoothing,
                                         features_shape, features_dtype, channels_last)
     return torch.ops.mlaan_fast.aux_head_loss_backward_input(grad_losses, grad_logits, logits, lse, weight, target,
                                                              label_smoothing, features_shape, features_dtype,
-                                                             channels_last)
+                                                             channels_last, check_target=check_target)
 
 
 @_fused_backward_input.register_fake
 def _(grad_losses, grad_logits, logits, lse, weight, target, label_smoothing, features_shape, features_dtype,
-      channels_last, backend):
+      channels_last, backend, check_target=True):
     return _backward_input_fake(logits, features_shape, features_dtype, channels_last)
 
 
@@ -209,21 +245,23 @@ def _backward_input_fake(logits, features_shape, features_dtype, channels_last):
 @torch.library.custom_op("mlaan_fast::aux_head_fused_backward_params", mutates_args=())
 def _fused_backward_params(grad_losses: torch.Tensor, grad_logits: Optional[torch.Tensor], logits: torch.Tensor,
                            lse: torch.Tensor, pooled: torch.Tensor, target: torch.Tensor, label_smoothing: float,
-                           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                           backend: str, check_target: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (d(weight) [N,C], d(bias) [N]) in the logits dtype, summed over the batch in a fixed order."""
-    return _backward_params_impl(grad_losses, grad_logits, logits, lse, pooled, target, label_smoothing, backend)
+    return _backward_params_impl(grad_losses, grad_logits, logits, lse, pooled, target, label_smoothing, backend,
+                                 check_target)
 
 
-def _backward_params_impl(grad_losses, grad_logits, logits, lse, pooled, target, label_smoothing, backend):
+def _backward_params_impl(grad_losses, grad_logits, logits, lse, pooled, target, label_smoothing, backend,
+                          check_target):
     _check_backend(backend)
     if backend == "triton":
         return _triton().backward_params(grad_losses, grad_logits, logits, lse, pooled, target, label_smoothing)
     return torch.ops.mlaan_fast.aux_head_loss_backward_params(grad_losses, grad_logits, logits, lse, pooled, target,
-                                                              label_smoothing)
+                                                              label_smoothing, check_target=check_target)
 
 
 @_fused_backward_params.register_fake
-def _(grad_losses, grad_logits, logits, lse, pooled, target, label_smoothing, backend):
+def _(grad_losses, grad_logits, logits, lse, pooled, target, label_smoothing, backend, check_target=True):
     return _backward_params_fake(logits, pooled)
 
 
@@ -233,7 +271,7 @@ def _backward_params_fake(logits, pooled):
 
 
 def _setup_context(ctx, inputs, output):
-    features, weight, bias, target, label_smoothing, backend = inputs
+    features, weight, bias, target, label_smoothing, backend, check_target = inputs
     _, logits, pooled, lse = output
     ctx.save_for_backward(logits, pooled, lse, weight, target)
     ctx.features_shape = list(features.shape)
@@ -242,6 +280,7 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.label_smoothing = label_smoothing
     ctx.backend = backend
+    ctx.check_target = check_target
     ctx.set_materialize_grads(False)
 
 
@@ -257,14 +296,14 @@ def _backward(ctx, grad_losses, grad_logits, grad_pooled=None, grad_lse=None, *,
     d_features = d_weight = d_bias = None
     if need_features:
         d_features = backward_input(grad_losses, grad_logits, logits, lse, weight, target,
-                                           ctx.label_smoothing, ctx.features_shape, ctx.features_dtype,
-                                           ctx.channels_last, ctx.backend)
+                                    ctx.label_smoothing, ctx.features_shape, ctx.features_dtype,
+                                    ctx.channels_last, ctx.backend, ctx.check_target)
     if need_weight or need_bias:
         gw, gb = backward_params(grad_losses, grad_logits, logits, lse, pooled, target,
-                                        ctx.label_smoothing, ctx.backend)
+                                 ctx.label_smoothing, ctx.backend, ctx.check_target)
         d_weight = gw.to(weight.dtype) if need_weight else None
         d_bias = gb.to(ctx.bias_dtype) if need_bias else None
-    return d_features, d_weight, d_bias, None, None, None
+    return d_features, d_weight, d_bias, None, None, None, None
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -274,9 +313,9 @@ class _EagerAuxHead(torch.autograd.Function):
     """The custom op's forward and backward called directly (eager mode): -> (losses, logits)."""
 
     @staticmethod
-    def forward(ctx, features, weight, bias, target, label_smoothing, backend):
-        output = _forward_impl(features, weight, bias, target, label_smoothing, backend)
-        _setup_context(ctx, (features, weight, bias, target, label_smoothing, backend), output)
+    def forward(ctx, features, weight, bias, target, label_smoothing, backend, check_target):
+        output = _forward_impl(features, weight, bias, target, label_smoothing, backend, check_target)
+        _setup_context(ctx, (features, weight, bias, target, label_smoothing, backend, check_target), output)
         return output[0], output[1]
 
     @staticmethod
@@ -292,16 +331,16 @@ def _register_cpp_fakes() -> None:
     torch.library.register_fake(lib + "aux_head_loss_forward")(_forward_fake)
 
     @torch.library.register_fake(lib + "aux_head_loss_forward_out")
-    def _(features, weight, bias, target, label_smoothing, losses, logits, pooled, lse):
+    def _(features, weight, bias, target, label_smoothing, losses, logits, pooled, lse, *, check_target=True):
         return None
 
     @torch.library.register_fake(lib + "aux_head_loss_backward_input")
     def _(grad_losses, grad_logits, logits, lse, weight, target, label_smoothing, features_shape, features_dtype,
-          channels_last):
+          channels_last, *, check_target=True):
         return _backward_input_fake(logits, features_shape, features_dtype, channels_last)
 
     @torch.library.register_fake(lib + "aux_head_loss_backward_params")
-    def _(grad_losses, grad_logits, logits, lse, pooled, target, label_smoothing):
+    def _(grad_losses, grad_logits, logits, lse, pooled, target, label_smoothing, *, check_target=True):
         return _backward_params_fake(logits, pooled)
 
 

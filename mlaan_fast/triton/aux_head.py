@@ -4,6 +4,7 @@ Forward: one program per sample (pool, logits in class blocks with an online log
 Backward: one program per sample for d(features); d(weight), d(bias) from tiles of
 (classes x channels) over batch splits, each split's partial summed in a fixed order.
 The class dimension may be tiny (N = 2, 10), so products use broadcast-multiply + ``tl.sum``.
+A target outside [0, N) that reaches a kernel (unchecked) gives a NaN loss and NaN gradients.
 """
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
+from mlaan_fast.ops.aux_head import check_target_range
+
 _TILE = 4096  # elements of one 2-D register tile
 _NUM_WARPS = 4
 
 
 @triton.jit
 def _aux_head_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, target_ptr, loss_ptr, logit_ptr, pool_ptr, lse_ptr, bad_ptr,
+    x_ptr, w_ptr, bias_ptr, target_ptr, loss_ptr, logit_ptr, pool_ptr, lse_ptr,
     C, N, W, HW, stride_b, stride_c, stride_h, stride_w, eps,
     HAS_BIAS: tl.constexpr, HW_DENSE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -73,15 +76,19 @@ def _aux_head_forward_kernel(
     lse = tl.where(tl.sum(nonfinite, axis=0) > 0, float("nan"), lse)
     tl.store(lse_ptr + b, lse)
     loss = lse - (1.0 - eps) * tl.sum(z_t, axis=0) - eps * tl.sum(z_sum, axis=0) / N
-    bad = (t < 0) | (t >= N)
-    tl.atomic_max(bad_ptr, b.to(tl.int32), mask=bad)
-    tl.store(loss_ptr + b, tl.where(bad, float("nan"), loss))
+    tl.store(loss_ptr + b, tl.where((t < 0) | (t >= N), float("nan"), loss))
 
 
 @triton.jit
 def _dlogits(g, z, lse, is_target, eps, N):
     """g * (softmax - (1 - eps) onehot - eps / N) for one block of logits."""
     return g * (tl.exp(z - lse) - tl.where(is_target, 1.0 - eps, 0.0) - eps / N)
+
+
+@triton.jit
+def _sample_grad(g, t, N):
+    """d(loss) scale of a sample: NaN when its target is outside [0, N), so its gradients are NaN."""
+    return tl.where((t < 0) | (t >= N), float("nan"), g)
 
 
 @triton.jit
@@ -94,9 +101,9 @@ def _aux_head_backward_input_kernel(
     b = tl.program_id(0).to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    g = tl.load(grad_loss_ptr + b).to(ACC)
-    lse = tl.load(lse_ptr + b).to(ACC)
     t = tl.load(target_ptr + b)
+    g = _sample_grad(tl.load(grad_loss_ptr + b).to(ACC), t, N)
+    lse = tl.load(lse_ptr + b).to(ACC)
     dpooled = tl.zeros([BLOCK_C], dtype=ACC)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -134,9 +141,9 @@ def _aux_head_backward_params_kernel(
     for b0 in range(b_start, b_stop, BLOCK_B):
         offs_b = (b0 + tl.arange(0, BLOCK_B)).to(tl.int64)
         mask_b = offs_b < b_stop
-        g = tl.load(grad_loss_ptr + offs_b, mask=mask_b, other=0.0).to(ACC)
+        t = tl.load(target_ptr + offs_b, mask=mask_b, other=0)
+        g = _sample_grad(tl.load(grad_loss_ptr + offs_b, mask=mask_b, other=0.0).to(ACC), t, N)
         lse = tl.load(lse_ptr + offs_b, mask=mask_b, other=0.0).to(ACC)
-        t = tl.load(target_ptr + offs_b, mask=mask_b, other=-1)
         mask_bn = mask_b[:, None] & mask_n[None, :]
         z = tl.load(logit_ptr + offs_b[:, None] * N + offs_n[None, :], mask=mask_bn, other=0.0).to(ACC)
         dl = _dlogits(g[:, None], z, lse[:, None], offs_n[None, :] == t[:, None], eps, N)
@@ -159,8 +166,11 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
 
-def forward(features, weight, bias, target, label_smoothing, out=None):
-    """features [B,C,H,W] or [B,C]; weight/bias in the compute dtype -> (losses [B], logits [B,N], pooled [B,C], lse [B])."""
+def forward(features, weight, bias, target, label_smoothing, out=None, check_target=True):
+    """features [B,C,H,W] or [B,C]; weight/bias in the compute dtype -> (losses [B], logits [B,N], pooled [B,C], lse [B]).
+
+    ``check_target``: raise ValueError for a target outside [0, N) before the launch (one host sync
+    on a GPU; skipped while a CUDA graph is being captured); unchecked, such a target's loss is NaN."""
     cdt = weight.dtype
     x = features if features.dim() == 4 else features[:, :, None, None]
     if cdt == torch.float64:
@@ -170,23 +180,20 @@ def forward(features, weight, bias, target, label_smoothing, out=None):
     if out is None:
         out = (x.new_empty(B, dtype=cdt), x.new_empty(B, N, dtype=cdt),
                x.new_empty(B, C, dtype=cdt), x.new_empty(B, dtype=cdt))
+    if check_target and not (target.is_cuda and torch.cuda.is_current_stream_capturing()):
+        check_target_range(target, N)
     losses, logits, pooled, lse = out
     weight = weight.contiguous()
     target = target.contiguous()
-    bad = torch.full((1,), -1, dtype=torch.int32, device=x.device)
     block_c = _pow2(C)
     sb, sc, sh, sw = x.stride()
     _aux_head_forward_kernel[(B,)](
-        x, weight, bias if bias is not None else weight, target, losses, logits, pooled, lse, bad,
+        x, weight, bias if bias is not None else weight, target, losses, logits, pooled, lse,
         C, N, W, H * W, sb, sc, sh, sw, float(label_smoothing),
         HAS_BIAS=bias is not None, HW_DENSE=(sh == W * sw or H == 1), ACC=_acc_dtype(cdt),
         BLOCK_C=block_c, BLOCK_HW=min(_pow2(H * W), max(1, _TILE // block_c)),
         BLOCK_N=min(_pow2(N), max(1, _TILE // block_c)), num_warps=_NUM_WARPS,
     )
-    bad_index = int(bad.item())  # waits for the kernel, before any result is used
-    if bad_index >= 0:
-        value = int(target[bad_index])
-        raise ValueError(f"aux_head_loss: target[{bad_index}] = {value} is outside the class range [0, {N})")
     return losses, logits, pooled, lse
 
 
