@@ -132,6 +132,7 @@ def build(arch: str, K: int, method: str, variant: str, device: torch.device):
         arch, num_classes=10, K=1 if method == "e2e" else K, method=method, **VARIANT_OPTIONS[variant]
     )
     model = model.to(device).train()
+    model.set_target_checks(False)  # as the trainer runs it: labels checked on the host, no device sync
     if variant == "straightforward":
         ema = _loop_ema(_shadows(model))
     else:

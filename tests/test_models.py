@@ -468,3 +468,18 @@ def test_config_records_the_resolved_settings():
     opts = cfg["options"]
     assert (opts["s"], opts["w_ind"], opts["w_casc"], opts["ema_decay"], opts["lam_depth"]) == (3, 0.001, 0.999, 0.995, 4)
     assert set(ARCHS) >= {"resnet20", "resnet32", "resnet56", "resnet110", "resnet34", "resnet101", "resnet152"}
+
+
+@pytest.mark.parametrize("method", ["mlaan", "dgl+mlaan", "infopro+mlaan"])
+def test_target_checks_raise_or_give_nan(method):
+    """Checked (default): a label out of range raises. Unchecked (labels validated on the host):
+    no error and no silent number, the losses that read it are NaN."""
+    model = build_model("resnet20", K=3, method=method)
+    x, y = make_batch(n=4)
+    y[2] = 10
+    with pytest.raises(ValueError, match="outside the class range"):
+        model.local_step(x, y)
+    model.set_target_checks(False)
+    assert all(h.check_target is False for h in [*model.ind_heads.values(), *model.casc_heads.values()])
+    out = model.local_step(x, y)
+    assert torch.isnan(out["loss"])

@@ -19,11 +19,12 @@ class DGLAuxHead(nn.Module):
 
     ``fused=True``: the conv stack keeps one tensor per layer for backward (see
     :mod:`mlaan_fast.nn.conv_bn_relu_stack`) and the last Linear + CE is the fused op;
-    ``fused=False``: plain modules, as the reference code runs them.
+    ``fused=False``: plain modules, as the reference code runs them. ``check_target``: see
+    :class:`~mlaan_fast.nn.LinearAuxHead`.
     """
 
     def __init__(self, in_channels: int, num_classes: int, *, conv_channels: int = 128,
-                 hidden: int = 512, depth: int = 3, fused: bool = True):
+                 hidden: int = 512, depth: int = 3, fused: bool = True, check_target: bool = True):
         super().__init__()
         convs, c = [], in_channels
         for _ in range(depth):
@@ -38,6 +39,7 @@ class DGLAuxHead(nn.Module):
         self.mlp = nn.Sequential(*mlp)
         self.fc = nn.Linear(c, num_classes)
         self.fused = fused
+        self.check_target = check_target  # False: labels validated on the host, no device sync
         for m in self.convs.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -48,5 +50,6 @@ class DGLAuxHead(nn.Module):
         pooled = convs.mean(dim=(2, 3))
         hidden = self.mlp(pooled)
         if self.fused:
-            return aux_head_loss(hidden, self.fc.weight, self.fc.bias, target, reduction=reduction)
+            return aux_head_loss(hidden, self.fc.weight, self.fc.bias, target, reduction=reduction,
+                                 check_target=self.check_target)
         return F.cross_entropy(_fp32_or_wider(self.fc(hidden)), target, reduction=reduction)

@@ -44,6 +44,7 @@ class InfoProAuxHead(nn.Module):
         self.register_buffer("image_mean", torch.tensor(image_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std).view(1, -1, 1, 1), persistent=False)
         self.ixx, self.ixy, self.fused = float(ixx), float(ixy), fused
+        self.check_target = True  # False: labels validated on the host, no device sync (fused CE)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -53,7 +54,7 @@ class InfoProAuxHead(nn.Module):
         pooled = self.classifier(features).mean(dim=(2, 3))
         hidden = F.relu(self.hidden(pooled))
         if self.fused:
-            ce = aux_head_loss(hidden, self.fc.weight, self.fc.bias, target)
+            ce = aux_head_loss(hidden, self.fc.weight, self.fc.bias, target, check_target=self.check_target)
         else:
             ce = F.cross_entropy(_fp32_or_wider(self.fc(hidden)), target)
         upsampled = F.interpolate(features, size=image.shape[-2:], mode="bilinear", align_corners=True)

@@ -251,6 +251,7 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
         broadcast_state(model)
         if cfg.compile:
             model.compile_modules()
+        model.set_target_checks(False)  # every batch's labels are checked on the host (_to_device)
         graphed = None
         if cfg.cuda_graphs:
             if device.type != "cuda":
