@@ -43,13 +43,11 @@ def _momentum(bn: nn.BatchNorm2d) -> float:
     return bn.momentum
 
 
-def _bn_relu(z: torch.Tensor, weight, bias, mean, invstd) -> torch.Tensor:
-    """relu(BN(z)) from the saved batch statistics (affine in fp32 or fp64, output in z's dtype)."""
-    acc = torch.promote_types(z.dtype, torch.float32)
-    scale = weight.to(acc) * invstd.to(acc)
-    shift = bias.to(acc) - mean.to(acc) * scale
-    shape = (1, -1, 1, 1)
-    return torch.relu(torch.addcmul(shift.view(shape), z.to(acc), scale.view(shape))).to(z.dtype)
+def _bn_relu(z: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
+    """relu(BN(z)) in training mode, by the very kernel the forward used: the same batch statistics
+    and bitwise the same output, so the ReLU mask in backward is exactly the forward's."""
+    out, _, _ = torch.ops.aten.native_batch_norm(z, weight, bias, None, None, True, 0.0, eps)
+    return out.relu_()
 
 
 class _ConvBNReLUStack(torch.autograd.Function):
@@ -82,13 +80,13 @@ class _ConvBNReLUStack(torch.autograd.Function):
         def rebuilt(i):  # input of layer i's conv: relu(BN(z_{i-1})), or x for the first layer
             if i == 0:
                 return x.to(dtype)
-            return _bn_relu(zs[i - 1], params[3 * i - 2], params[3 * i - 1], stats[2 * i - 2], stats[2 * i - 1])
+            return _bn_relu(zs[i - 1], params[3 * i - 2], params[3 * i - 1], ctx.eps[i - 1])
 
         grads = [None] * (3 * L)
         g, y = grad.to(dtype), rebuilt(L)
         for i in reversed(range(L)):
             w, gamma, beta = params[3 * i:3 * i + 3]
-            g = torch.where(y > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))  # ReLU
+            g = torch.ops.aten.threshold_backward(g, y, 0)  # ReLU
             dz, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
                 g, zs[i], gamma, None, None, stats[2 * i], stats[2 * i + 1], True, ctx.eps[i],
                 [True, needs[3 * i + 1], needs[3 * i + 2]])
