@@ -146,3 +146,18 @@ def test_dgl_mlaan_step_holds_less_than_end_to_end():
             model.local_step(x, t)
         peaks[method] = meter.peak_bytes
     assert peaks["dgl+mlaan"] <= peaks["e2e"]
+
+
+def test_dgl_lean_option_same_gradients_less_memory():
+    x, t = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (4,))
+    grads_by, peaks = {}, {}
+    for lean in (True, False):
+        torch.manual_seed(0)
+        model = build_model("resnet32", K=16, method="dgl+mlaan", dgl_lean=lean).double()
+        with ActivationMeter(exclude=model) as meter:
+            model.local_step(x, t)
+        peaks[lean] = meter.peak_bytes
+        grads_by[lean] = [p.grad for p in model.parameters()]
+    assert peaks[True] < peaks[False]
+    for a, b in zip(grads_by[True], grads_by[False]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

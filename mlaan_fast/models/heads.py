@@ -22,7 +22,7 @@ def make_head(kind: str, in_channels: int, num_classes: int, *, module_index: in
     if kind == "linear":
         return LinearAuxHead(in_channels, num_classes, fused=fused)
     if kind == "dgl":
-        return DGLAuxHead(in_channels, num_classes, fused=fused)
+        return DGLAuxHead(in_channels, num_classes, fused=fused, lean=options["dgl_lean"])
     if kind == "infopro":
         ixx, ixy = infopro_weights(module_index, num_modules, options["ixx_1"], options["ixy_1"],
                                    options["ixx_2"], options["ixy_2"])

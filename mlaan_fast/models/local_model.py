@@ -46,6 +46,7 @@ DEFAULT_OPTIONS = {
     "share_shadows": True,  # one EMA shadow per distinct live block (exact); False: one per LAM
     "shadow_update": "all",  # "last_only": only the last LAM's shadow tracks its block (reference code)
     "fused": True,
+    "dgl_lean": True,  # DGL heads (fused): save one tensor per conv layer, rebuild the other in backward
     "schedule": "once",  # "straightforward": the published s+1 forwards per module (same gradients)
     "overlap": False,  # "once" only: window j after module j+1's forward, heads on a second CUDA stream
     "mean": (0.4914, 0.4822, 0.4465),  # dataset normalisation; InfoPro's decoder target is image*std+mean

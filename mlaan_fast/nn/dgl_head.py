@@ -17,14 +17,16 @@ def _fp32_or_wider(x: torch.Tensor) -> torch.Tensor:
 class DGLAuxHead(nn.Module):
     """Loss of the DGL head on features [B,C,H,W] with int64 targets [B].
 
-    ``fused=True``: the conv stack keeps one tensor per layer for backward (see
-    :mod:`mlaan_fast.nn.conv_bn_relu_stack`) and the last Linear + CE is the fused op;
+    ``fused=True``: the last Linear + CE is the fused op and, with ``lean=True``, the conv stack
+    keeps one tensor per layer for backward (:mod:`mlaan_fast.nn.conv_bn_relu_stack`: half the
+    memory, one extra BatchNorm pass per layer in backward);
     ``fused=False``: plain modules, as the reference code runs them. ``check_target``: see
     :class:`~mlaan_fast.nn.LinearAuxHead`.
     """
 
     def __init__(self, in_channels: int, num_classes: int, *, conv_channels: int = 128,
-                 hidden: int = 512, depth: int = 3, fused: bool = True, check_target: bool = True):
+                 hidden: int = 512, depth: int = 3, fused: bool = True, lean: bool = True,
+                 check_target: bool = True):
         super().__init__()
         convs, c = [], in_channels
         for _ in range(depth):
@@ -38,7 +40,7 @@ class DGLAuxHead(nn.Module):
             c = hidden
         self.mlp = nn.Sequential(*mlp)
         self.fc = nn.Linear(c, num_classes)
-        self.fused = fused
+        self.fused, self.lean = fused, lean
         self.check_target = check_target  # False: labels validated on the host, no device sync
         for m in self.convs.modules():
             if isinstance(m, nn.Conv2d):
@@ -46,7 +48,7 @@ class DGLAuxHead(nn.Module):
 
     def forward(self, features: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean"):
         """features [B,C,H,W], target int64 [B] -> loss (0-dim fp32 for "mean"/"sum")."""
-        convs = conv_bn_relu_stack(features, self.convs) if self.fused else self.convs(features)
+        convs = conv_bn_relu_stack(features, self.convs) if self.fused and self.lean else self.convs(features)
         pooled = convs.mean(dim=(2, 3))
         hidden = self.mlp(pooled)
         if self.fused:
