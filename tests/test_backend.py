@@ -1,4 +1,6 @@
 """Backend discovery, forcing (context manager and environment variable) and the `mlaan-fast info` report."""
+import os
+import shutil
 import subprocess
 import sys
 
@@ -149,3 +151,13 @@ def _env():
     import os
 
     return {k: v for k, v in os.environ.items() if k != _backend.ENV_VAR}
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or torch.version.cuda is None
+                    or os.environ.get("MLAAN_FAST_SKIP_CUDA") == "1",
+                    reason="no nvcc on PATH or a CPU-only torch: the CUDA sources are not built here")
+def test_cuda_sources_were_compiled_where_nvcc_exists():
+    """Where a toolkit exists the build must include kernels/*.cu (a broken .cu then fails the build)."""
+    import mlaan_fast._C as ext
+
+    assert ext.with_cuda == 1, "nvcc is on PATH but mlaan_fast._C was built without its CUDA kernels"
