@@ -49,7 +49,7 @@ def once(model, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None) -
     done_at, passes = _reach(model.windows, len(modules))
     step = _Step(model, images, targets, grad_scaler, done_at, _side_stream(model, images))
     defer = bool(model.options.get("overlap"))  # window j after module j+1's forward (same maths)
-    h, behind = images, None  # behind: (j, o_j) of the window deferred until module j+1 is queued
+    h, behind = images, None  # behind: (j, o_j, ready) of the window deferred until module j+1 is queued
     with torch.enable_grad():
         for j, module in enumerate(modules):
             z = h.detach().requires_grad_(passes[j]) if j > 0 else h
@@ -57,16 +57,17 @@ def once(model, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None) -
                 h = module(z)
             if done_at[j] >= 0:
                 step.graphs[j] = (z, h)
+            ready = step.mark() if defer and j in windows else None  # o_j done, before module j+1
             if behind is not None:
-                step.window(windows[behind[0]], behind[1])
+                step.window(*behind)
                 behind = None
             if j in windows:
                 if defer:
-                    behind = (j, h)
+                    behind = (windows[j], h, ready)
                 else:
                     step.window(windows[j], h)
         if behind is not None:
-            step.window(windows[behind[0]], behind[1])
+            step.window(*behind)
         step.join()
     if step.graphs:  # cannot happen for windows built by make_windows; guards hand-made window lists
         raise RuntimeError(f"schedule 'once': modules {sorted(step.graphs)} kept a graph past their last window")
@@ -106,8 +107,17 @@ class _Step:
         self.module_losses = [images.new_zeros((), dtype=torch.float32) for _ in model.local_modules]
         self.logits = None
 
-    def window(self, window, h) -> None:
+    def mark(self):
+        """An event on the main stream at this point (None without a side stream)."""
+        if self.side is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.main)
+        return event
+
+    def window(self, window, h, ready=None) -> None:
         """Both objective terms of ``window`` on its output h = o_j, each stream carried down at once.
+        ``ready``: the event after o_j's forward (the side stream must not also wait for module j+1).
 
         The cascaded term goes first: its stream completes module ``start`` and frees that graph
         before the independent head (as heavy as the DGL head can be) is built."""
@@ -117,7 +127,9 @@ class _Step:
             terms.append((window.start, window.casc_weight, model.cascade_loss))
         if window.ind_weight is not None:
             terms.append((j, window.ind_weight, model.independent_loss))
-        if self.side is not None:
+        if self.side is not None and ready is not None:
+            self.side.wait_event(ready)
+        elif self.side is not None:
             self.side.wait_stream(self.main)  # o_j (and everything before it) is ready
         objective = 0.0
         for n, (start, weight, loss_fn) in enumerate(terms):
