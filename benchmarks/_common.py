@@ -2,7 +2,8 @@
 
 Rows follow `kernels.md`: op, provider, shape, metric, unit, p50, p20, p80, device, torch,
 triton, commit, date (plus free-form `note`). GPU timings use CUDA events through
-`triton.testing.do_bench`; CPU timings are wall-clock medians of repeated calls.
+`triton.testing.do_bench`; CPU timings are wall-clock medians of repeated calls, interleaved
+across the compared callables where a benchmark asks (`bench_interleaved`).
 """
 from __future__ import annotations
 
@@ -63,6 +64,24 @@ def bench(fn, device, *, warmup_ms: float = 25, rep_ms: float = 100, min_reps: i
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
+    return _quantiles(times)
+
+
+def bench_interleaved(fns: dict, *, rep_ms: float = 300, min_reps: int = 5) -> dict:
+    """{name: (p50, p20, p80) ms} of each CPU callable, timed by wall clock in rounds that call every one once."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
+    t_end = time.perf_counter() + rep_ms / 1e3
+    while min(map(len, times.values()), default=min_reps) < min_reps or time.perf_counter() < t_end:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: _quantiles(ts) for name, ts in times.items()}
+
+
+def _quantiles(times: list) -> tuple[float, float, float]:
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
     return statistics.median(times), q[1], q[7]
 

@@ -4,10 +4,18 @@ Providers: ``eager`` (AdaptiveAvgPool2d -> Flatten -> Linear -> CrossEntropy in 
 ``compile`` and ``compile-max-autotune`` (torch.compile of that composition), and ours
 (``cuda``, ``triton`` on GPU; ``cpu`` on CPU), each also as ``<backend>-nocheck``: the same
 kernels with ``check_target=False`` (no target-range check, so no host sync on a GPU, as a
-trainer that validated its labels calls it). Rows go to ``results/aux_head.csv``: time
-(p50/p20/p80 ms), peak memory above the inputs (GPU: torch.cuda.max_memory_allocated),
-GB/s of the feature read + gradient write against measured copy bandwidth, and the ratio of
-each of ours to every baseline.
+trainer that validated its labels calls it). On a GPU, ``eager-graph``, ``cuda-graph`` and
+``triton-graph`` replay the whole step from a CUDA graph: no host work, so they time the
+kernels alone (the bandwidth the kernels reach), while the others time what a Python caller
+waits for, host work included (these shapes take a GPU less time than the host needs to issue them).
+
+Shapes: CIFAR ResNet module outputs at batch 1024 and the ImageNet head at batch 256 on a GPU,
+B=256 C=64 8x8 on the CPU, and on both a tiny ``host`` shape (B=2, C=16, 1x1) whose time is
+almost all host overhead (Python, dispatcher, autograd, launches).
+
+Rows go to ``results/aux_head.csv``: time (p50/p20/p80 ms), peak memory above the inputs (GPU:
+torch.cuda.max_memory_allocated), GB/s of the feature read + gradient write against measured
+copy bandwidth, and the ratio of each of ours to every baseline of its kind.
 
     python benchmarks/bench_aux_head.py [--quick] [--device cpu|cuda] [--out DIR]
 """
@@ -23,13 +31,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import CsvWriter, bench, copy_bandwidth_gbs, device_name  # noqa: E402
+from benchmarks._common import CsvWriter, bench, bench_interleaved, copy_bandwidth_gbs, device_name  # noqa: E402
 from mlaan_fast.ops import aux_head_loss, available_backends, use_backend  # noqa: E402
 
-# (B, C, H, W, N): CIFAR ResNet module outputs at batch 1024, ImageNet ResNet head at batch 256.
-GPU_SHAPES = [(1024, 16, 32, 32, 10), (1024, 32, 16, 16, 10), (1024, 64, 8, 8, 10), (256, 512, 7, 7, 1000)]
-CPU_SHAPES = [(256, 64, 8, 8, 10)]
+# (B, C, H, W, N): CIFAR ResNet module outputs at batch 1024, ImageNet ResNet head at batch 256;
+# HOST_SHAPE: so small that a step's time is the host's.
+HOST_SHAPE = (2, 16, 1, 1, 10)
+GPU_SHAPES = [(1024, 16, 32, 32, 10), (1024, 32, 16, 16, 10), (1024, 64, 8, 8, 10), (256, 512, 7, 7, 1000), HOST_SHAPE]
+CPU_SHAPES = [(256, 64, 8, 8, 10), HOST_SHAPE]
 BASELINES = ("eager", "compile", "compile-max-autotune")
+GRAPH_BASELINES = ("eager-graph",)
 
 
 def composition(x, w, b, t):
@@ -60,6 +71,20 @@ def peak_extra_bytes(step, device):
     return peak
 
 
+def graphed(step):
+    """A callable that replays ``step`` (forward + backward) from a CUDA graph: device time only."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up outside the capture (lazy init, allocator, autotuning)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def run_shape(shape, device, dtype, layout, writer, copy_gbs, quick, providers=None, profile=False):
     B, C, H, W, N = shape
     label = f"B{B}-C{C}-{H}x{W}-N{N}-{str(dtype).replace('torch.', '')}-{layout}"
@@ -86,26 +111,45 @@ def run_shape(shape, device, dtype, layout, writer, copy_gbs, quick, providers=N
             ours += [name, f"{name}-nocheck"]
         else:
             print(f"  {name}: unavailable ({avail[name][1]})")
+    if device.type == "cuda":
+        # Graph capture skips the target check (no host sync may happen inside a capture).
+        for name in ["eager"] + [n for n in backends if avail[n][0]]:
+            if providers and f"{name}-graph" not in providers:
+                continue
+            try:
+                steps[f"{name}-graph"] = graphed(steps[f"{name}-nocheck" if name != "eager" else name])
+            except Exception as exc:
+                print(f"  {name}-graph: capture failed ({type(exc).__name__}: {exc})")
+                continue
+            if name != "eager":
+                ours.append(f"{name}-graph")
     if providers:
         steps = {k: v for k, v in steps.items() if k in providers}
 
     rep_ms = 60 if quick else 300
-    times = {}
-    feature_bytes = 2 * x.numel() * x.element_size()
+    ready = {}
     for name, step in steps.items():
         try:
             step()  # compile / warm up
-            p50, p20, p80 = bench(step, device, warmup_ms=25, rep_ms=rep_ms)
+            ready[name] = step
         except Exception as exc:  # a failing baseline is reported, not fatal
             print(f"  {name}: failed ({type(exc).__name__}: {exc})")
             writer.add("aux_head_loss", name, label, "fwd+bwd", "ms", float("nan"), note=f"failed: {type(exc).__name__}")
-            continue
+    if device.type == "cuda":
+        quantiles = {name: bench(step, device, warmup_ms=25, rep_ms=rep_ms) for name, step in ready.items()}
+    else:
+        # Round-robin on the CPU, so that a slower or faster spell of a shared machine reaches every provider.
+        quantiles = bench_interleaved(ready, rep_ms=rep_ms * len(ready))
+    times = {}
+    feature_bytes = 2 * x.numel() * x.element_size()
+    for name, (p50, p20, p80) in quantiles.items():
         times[name] = p50
         gbs = feature_bytes / (p50 * 1e-3) / 1e9
         writer.add("aux_head_loss", name, label, "fwd+bwd", "ms", p50, p20, p80)
         writer.add("aux_head_loss", name, label, "feature_read_write", "GB/s", gbs,
                    note=f"{100 * gbs / copy_gbs:.1f}% of measured copy bandwidth {copy_gbs:.0f} GB/s")
-        peak = peak_extra_bytes(step, device)
+        # A replay allocates nothing (its memory is the graph's pool): no peak row for graphs.
+        peak = None if name.endswith("-graph") else peak_extra_bytes(ready[name], device)
         if peak is not None:
             writer.add("aux_head_loss", name, label, "peak_memory_above_inputs", "MiB", peak / 2 ** 20,
                        note="torch.cuda.max_memory_allocated minus memory_allocated before the step")
@@ -113,12 +157,12 @@ def run_shape(shape, device, dtype, layout, writer, copy_gbs, quick, providers=N
               + (f"  peak +{peak / 2 ** 20:.1f} MiB" if peak is not None else ""))
     if profile and device.type == "cuda":
         for name in ours:
-            if name in steps:
+            if name in steps and not name.endswith("-graph"):
                 print_kernel_times(name, steps[name])
     for name in ours:
         if name not in times:
             continue
-        for base in BASELINES:
+        for base in GRAPH_BASELINES if name.endswith("-graph") else BASELINES:
             if base in times:
                 ratio = times[base] / times[name]
                 writer.add("aux_head_loss", name, label, f"speedup_vs_{base}", "x", ratio)

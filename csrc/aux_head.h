@@ -52,7 +52,8 @@ int64_t check_backward_input_shape(const char* op, int64_t B, int64_t N, at::Int
 at::ScalarType compute_dtype(const at::Tensor& features, const at::Tensor& weight);
 
 // Raises ValueError naming the first target outside [0, N). On a CUDA tensor: one reduction
-// and one device-to-host copy of (min, max), i.e. one host sync; more work only on error.
+// and one device-to-host copy of (min, max), i.e. one host sync; more work only on error. On a
+// CPU tensor: a scan.
 void check_target_range(const char* op, const at::Tensor& target, int64_t N);
 
 // Forward operands, checked and converted: x is float64 when computing in float64 (else the
@@ -68,10 +69,12 @@ struct ForwardOutputs {
   at::Tensor losses, logits, pooled, lse;  // [B], [B,N], [B,C], [B], contiguous, compute dtype
 };
 
-// Backward operands, checked and contiguous, all of the compute dtype but target (int64).
-// grad_logits is undefined when absent.
+// Backward operands, checked, all of the compute dtype but target (int64); contiguous but
+// grad_losses, which is read with its own stride (0 for one value expanded over the batch, as a
+// mean or sum reduction's gradient is). grad_logits is undefined when absent.
 struct BackwardOperands {
   at::Tensor grad_losses, grad_logits, logits, lse, t;
+  int64_t grad_losses_stride;
   int64_t B, N;
   double label_smoothing;
 };

@@ -15,6 +15,23 @@ namespace mlaan_fast::aux_head {
 
 namespace {
 
+// Sum of n contiguous values in acc_t. Eight running partial sums, added in a fixed order at the
+// end: one chain of dependent adds would run at the add latency, and the compiler turns the
+// eight independent ones into vector adds (an `omp simd` reduction here stayed scalar).
+template <typename scalar_t, typename acc_t>
+acc_t sum_dense(const scalar_t* p, int64_t n) {
+  constexpr int64_t kParts = 8;
+  acc_t part[kParts] = {};
+  int64_t i = 0;
+  for (; i + kParts <= n; i += kParts) {
+    for (int64_t k = 0; k < kParts; ++k) part[k] += static_cast<acc_t>(p[i + k]);
+  }
+  acc_t s = acc_t(0);
+  for (; i < n; ++i) s += static_cast<acc_t>(p[i]);
+  for (int64_t k = 0; k < kParts; ++k) s += part[k];
+  return s;
+}
+
 // Sum over the H*W positions of one sample into acc[C] (zeroed here), for any strides.
 template <typename scalar_t, typename acc_t>
 void pool_sample(const scalar_t* x, const Dims& d, acc_t* acc) {
@@ -37,15 +54,13 @@ void pool_sample(const scalar_t* x, const Dims& d, acc_t* acc) {
   const bool dense_plane = d.stride_w == 1 && d.stride_h == d.W;
   for (int64_t c = 0; c < d.C; ++c) {
     const scalar_t* plane = x + c * d.stride_c;
-    acc_t s = acc_t(0);
     if (dense_plane) {
-      const int64_t hw = d.H * d.W;
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < hw; ++i) s += static_cast<acc_t>(plane[i]);
-    } else {
-      for (int64_t h = 0; h < d.H; ++h)
-        for (int64_t w = 0; w < d.W; ++w) s += static_cast<acc_t>(plane[h * d.stride_h + w * d.stride_w]);
+      acc[c] = sum_dense<scalar_t, acc_t>(plane, d.H * d.W);
+      continue;
     }
+    acc_t s = acc_t(0);
+    for (int64_t h = 0; h < d.H; ++h)
+      for (int64_t w = 0; w < d.W; ++w) s += static_cast<acc_t>(plane[h * d.stride_h + w * d.stride_w]);
     acc[c] = s;
   }
 }
@@ -57,11 +72,18 @@ void axpy(acc_t s, const acc_t* x, acc_t* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += s * x[i];
 }
 
+// a . b with eight partial sums, as sum_dense.
 template <typename acc_t>
 acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  constexpr int64_t kParts = 8;
+  acc_t part[kParts] = {};
+  int64_t i = 0;
+  for (; i + kParts <= n; i += kParts) {
+    for (int64_t k = 0; k < kParts; ++k) part[k] += a[i + k] * b[i + k];
+  }
   acc_t s = acc_t(0);
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int64_t k = 0; k < kParts; ++k) s += part[k];
   return s;
 }
 
@@ -73,8 +95,8 @@ inline acc_t dlogit(acc_t g, acc_t z, acc_t lse, bool is_target, acc_t eps, acc_
 
 // Scale of sample b's gradients: NaN when its target is outside [0, N) (an unchecked target).
 template <typename acc_t>
-inline acc_t sample_grad(const acc_t* grad_losses, int64_t t, int64_t b, int64_t N) {
-  return (t < 0 || t >= N) ? std::numeric_limits<acc_t>::quiet_NaN() : grad_losses[b];
+inline acc_t sample_grad(const acc_t* grad_losses, int64_t stride, int64_t t, int64_t b, int64_t N) {
+  return (t < 0 || t >= N) ? std::numeric_limits<acc_t>::quiet_NaN() : grad_losses[b * stride];
 }
 
 }  // namespace
@@ -143,7 +165,7 @@ void backward_input_cpu(const BackwardOperands& in, const at::Tensor& w, const a
       at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
         std::vector<acc_t> dl(N), dp(C);
         for (int64_t b = b0; b < b1; ++b) {
-          const acc_t g = sample_grad(gp, tp[b], b, N);
+          const acc_t g = sample_grad(gp, in.grad_losses_stride, tp[b], b, N);
           for (int64_t n = 0; n < N; ++n)
             dl[n] = dlogit(g, zp[b * N + n], mp[b], n == tp[b], eps, inv_n) + (glp ? glp[b * N + n] : acc_t(0));
           std::fill(dp.begin(), dp.end(), acc_t(0));
@@ -185,7 +207,7 @@ void backward_params_cpu(const BackwardOperands& in, const at::Tensor& pooled, c
         std::fill(gwn + c0, gwn + c1, acc_t(0));
         acc_t db = acc_t(0);
         for (int64_t b = 0; b < B; ++b) {
-          const acc_t g = sample_grad(gp, tp[b], b, N);
+          const acc_t g = sample_grad(gp, in.grad_losses_stride, tp[b], b, N);
           const acc_t s = dlogit(g, zp[b * N + n], mp[b], n == tp[b], eps, inv_n) + (glp ? glp[b * N + n] : acc_t(0));
           db += s;
           axpy(s, pp + b * C + c0, gwn + c0, c1 - c0);

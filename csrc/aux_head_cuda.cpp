@@ -92,6 +92,7 @@ void backward_input(const BackwardOperands& in, const at::Tensor& w, const at::T
   a.acc_dtype = dtype_of(in.logits.scalar_type());
   a.out_dtype = dtype_of(out.scalar_type());
   a.grad_losses = in.grad_losses.const_data_ptr();
+  a.grad_losses_stride = in.grad_losses_stride;
   a.grad_logits = in.grad_logits.defined() ? in.grad_logits.const_data_ptr() : nullptr;
   a.logits = in.logits.const_data_ptr(); a.lse = in.lse.const_data_ptr(); a.weight = w.const_data_ptr();
   a.target = in.t.const_data_ptr<int64_t>();
@@ -108,6 +109,7 @@ void backward_params(const BackwardOperands& in, const at::Tensor& pooled, const
   launch::BackwardParams a{};
   a.acc_dtype = dtype_of(in.logits.scalar_type());
   a.grad_losses = in.grad_losses.const_data_ptr();
+  a.grad_losses_stride = in.grad_losses_stride;
   a.grad_logits = in.grad_logits.defined() ? in.grad_logits.const_data_ptr() : nullptr;
   a.logits = in.logits.const_data_ptr(); a.lse = in.lse.const_data_ptr(); a.pooled = pooled.const_data_ptr();
   a.target = in.t.const_data_ptr<int64_t>();

@@ -46,7 +46,8 @@ int forward(const Forward& a, Stream stream);
 struct BackwardInput {
   DType acc_dtype;
   DType out_dtype;
-  const void* grad_losses;  // [B]
+  const void* grad_losses;  // [B], element stride grad_losses_stride (0: one value for all)
+  int64_t grad_losses_stride;
   const void* grad_logits;  // [B, N] or nullptr
   const void* logits;       // [B, N]
   const void* lse;          // [B]
@@ -90,7 +91,8 @@ inline BatchSplit backward_params_split(int64_t B, int64_t N, int64_t C, int mul
 // only on the inputs and the split. A sample whose target is outside [0, N) makes them NaN.
 struct BackwardParams {
   DType acc_dtype;
-  const void* grad_losses;  // [B]
+  const void* grad_losses;  // [B], element stride grad_losses_stride (0: one value for all)
+  int64_t grad_losses_stride;
   const void* grad_logits;  // [B, N] or nullptr
   const void* logits;       // [B, N]
   const void* lse;          // [B]

@@ -74,8 +74,8 @@ void forward_out_op(const at::Tensor& features, const at::Tensor& weight, const 
 BackwardOperands backward_operands(const at::Tensor& grad_losses, const std::optional<at::Tensor>& grad_logits,
                                    const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& target,
                                    double label_smoothing) {
-  return {grad_losses.contiguous(), grad_logits.has_value() ? grad_logits->contiguous() : at::Tensor(),
-          logits.contiguous(), lse.contiguous(), target.contiguous(), logits.size(0), logits.size(1),
+  return {grad_losses, grad_logits.has_value() ? grad_logits->contiguous() : at::Tensor(), logits.contiguous(),
+          lse.contiguous(), target.contiguous(), grad_losses.stride(0), logits.size(0), logits.size(1),
           label_smoothing};
 }
 

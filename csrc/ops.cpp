@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <exception>
+
 TORCH_LIBRARY(mlaan_fast, m) {
   // shadow[i] <- decay * shadow[i] + (1 - decay) * live[i], in place, for every i.
   m.def("ema_update_(Tensor(a!)[] shadow, Tensor[] live, float decay) -> ()");
@@ -27,12 +29,24 @@ TORCH_LIBRARY(mlaan_fast, m) {
         " -> (Tensor grad_weight, Tensor grad_bias)");
 }
 
-// `import mlaan_fast._C` loads the library, which runs the registrations above; the module
-// itself carries no functions (operators are reached through torch.ops.mlaan_fast).
+namespace mlaan_fast::aux_head {
+void add_python_bindings(PyObject* module);  // aux_head_autograd.cpp
+}
+
+// `import mlaan_fast._C` loads the library, which runs the registrations above. Operators are
+// reached through torch.ops.mlaan_fast; the module itself carries only the aux-head loss's
+// eager autograd entry point (aux_head_loss_autograd) and the build flag with_cuda.
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "mlaan_fast operator library", -1, nullptr};
   PyObject* module = PyModule_Create(&def);
   if (module == nullptr) return nullptr;
+  try {
+    mlaan_fast::aux_head::add_python_bindings(module);
+  } catch (const std::exception& e) {
+    Py_DECREF(module);
+    PyErr_SetString(PyExc_ImportError, e.what());
+    return nullptr;
+  }
 #ifdef MLAAN_FAST_WITH_CUDA
   PyModule_AddIntConstant(module, "with_cuda", 1);
 #else

@@ -72,8 +72,8 @@ __device__ __forceinline__ acc_t dlogit(acc_t g, acc_t z, acc_t lse, bool is_tar
 
 // d(loss_b) scale of sample b: NaN when its target is outside [0, N), so its gradients are NaN.
 template <typename acc_t>
-__device__ __forceinline__ acc_t sample_grad(const acc_t* grad_losses, int64_t t, int64_t b, int N) {
-  return (t < 0 || t >= N) ? nan_value<acc_t>() : grad_losses[b];
+__device__ __forceinline__ acc_t sample_grad(const acc_t* grad_losses, int64_t stride, int64_t t, int64_t b, int N) {
+  return (t < 0 || t >= N) ? nan_value<acc_t>() : grad_losses[b * stride];
 }
 
 struct FeatureGeometry {
@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kThreads) _aux_head_forward_kernel(
 // One block per sample: d(pooled) = dlogits . W / HW, broadcast over the positions.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) _aux_head_backward_input_kernel(
-    const acc_t* __restrict__ grad_losses, const acc_t* __restrict__ grad_logits,
+    const acc_t* __restrict__ grad_losses, int64_t grad_losses_stride, const acc_t* __restrict__ grad_logits,
     const acc_t* __restrict__ logits, const acc_t* __restrict__ lse, const acc_t* __restrict__ weight,
     const int64_t* __restrict__ target, int N, int C, int HW, acc_t eps, bool channels_last,
     scalar_t* __restrict__ out) {
@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) _aux_head_backward_input_kernel(
   acc_t* s_dp = s_dl + N;
   const int64_t b = blockIdx.x;
   const int64_t t = target[b];
-  const acc_t g = sample_grad(grad_losses, t, b, N), m = lse[b], inv_n = acc_t(1) / acc_t(N);
+  const acc_t g = sample_grad(grad_losses, grad_losses_stride, t, b, N), m = lse[b], inv_n = acc_t(1) / acc_t(N);
   for (int n = threadIdx.x; n < N; n += kThreads) {
     acc_t d = dlogit(g, logits[b * N + n], m, n == t, eps, inv_n);
     if (grad_logits != nullptr) d += grad_logits[b * N + n];
@@ -221,7 +221,7 @@ constexpr int kLanes = kParamsLanes, kGroups = kParamsGroups, kTileN = kParamsTi
 // [N, C + 1] when workspace is given, else (a single split) grad_weight and grad_bias.
 template <typename acc_t>
 __global__ void __launch_bounds__(kLanes* kGroups) _aux_head_backward_params_kernel(
-    const acc_t* __restrict__ grad_losses, const acc_t* __restrict__ grad_logits,
+    const acc_t* __restrict__ grad_losses, int64_t grad_losses_stride, const acc_t* __restrict__ grad_logits,
     const acc_t* __restrict__ logits, const acc_t* __restrict__ lse, const acc_t* __restrict__ pooled,
     const int64_t* __restrict__ target, int B, int N, int C, int per_split, acc_t eps,
     acc_t* __restrict__ workspace, acc_t* __restrict__ grad_weight, acc_t* __restrict__ grad_bias) {
@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kLanes* kGroups) _aux_head_backward_params_ker
   for (int b = b_begin + grp; b < b_end; b += kGroups) {
     const acc_t p = c < C ? pooled[static_cast<int64_t>(b) * C + c] : (c == C ? acc_t(1) : acc_t(0));
     const int64_t t = target[b];
-    const acc_t g = sample_grad(grad_losses, t, b, N), m = lse[b];
+    const acc_t g = sample_grad(grad_losses, grad_losses_stride, t, b, N), m = lse[b];
 #pragma unroll
     for (int k = 0; k < kTileN; ++k) {
       const int n = n0 + k;
@@ -351,7 +351,7 @@ int backward_input(const BackwardInput& a, Stream stream) {
       using scalar_t = typename decltype(out_tag)::type;
       const size_t smem = static_cast<size_t>(a.N + a.C) * sizeof(acc_t);
       _aux_head_backward_input_kernel<scalar_t, acc_t><<<static_cast<unsigned>(a.B), kThreads, smem, stream>>>(
-          static_cast<const acc_t*>(a.grad_losses), static_cast<const acc_t*>(a.grad_logits),
+          static_cast<const acc_t*>(a.grad_losses), a.grad_losses_stride, static_cast<const acc_t*>(a.grad_logits),
           static_cast<const acc_t*>(a.logits), static_cast<const acc_t*>(a.lse), static_cast<const acc_t*>(a.weight),
           a.target, a.N, a.C, a.HW, static_cast<acc_t>(a.label_smoothing), a.channels_last,
           static_cast<scalar_t*>(a.out));
@@ -368,7 +368,7 @@ int backward_params(const BackwardParams& a, Stream stream) {
     const unsigned tiles_n = (a.N + kTileN - 1) / kTileN, tiles_c = (a.C + 1 + kLanes - 1) / kLanes;
     const dim3 grid(tiles_n, tiles_c, static_cast<unsigned>(splits));
     _aux_head_backward_params_kernel<acc_t><<<grid, dim3(kLanes, kGroups), 0, stream>>>(
-        static_cast<const acc_t*>(a.grad_losses), static_cast<const acc_t*>(a.grad_logits),
+        static_cast<const acc_t*>(a.grad_losses), a.grad_losses_stride, static_cast<const acc_t*>(a.grad_logits),
         static_cast<const acc_t*>(a.logits), static_cast<const acc_t*>(a.lse), static_cast<const acc_t*>(a.pooled),
         a.target, a.B, a.N, a.C, a.split.per_split, static_cast<acc_t>(a.label_smoothing), workspace,
         static_cast<acc_t*>(a.grad_weight), static_cast<acc_t*>(a.grad_bias));

@@ -171,6 +171,61 @@ def test_gradcheck_fp64_flat_no_bias_cpu():
     assert torch.autograd.gradcheck(f, (x, w))
 
 
+
+@needs_cpp
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_eager_cpp_autograd_equals_the_custom_op(reduction):
+    """Eager calls go through the C++ autograd Function; it gives bit for bit what the custom op
+    (the torch.compile path) gives, gradients through loss and logits included."""
+    x, w, b, t = make_inputs(5, 12, 3, 3, 7, "channels_last")
+    with use_backend("cpu"):
+        loss, logits = aux_head_loss(x, w, b, t, reduction=reduction, label_smoothing=0.1, return_logits=True)
+    assert "AuxHeadLoss" in loss.grad_fn.name()
+    losses, ref_logits, _, _ = torch.ops.mlaan_fast.aux_head_fused_forward(x, w, b, t, 0.1, "cpu", True)
+    ref = {"mean": losses.mean(), "sum": losses.sum(), "none": losses}[reduction]
+    assert torch.equal(loss, ref) and torch.equal(logits, ref_logits)
+    g_loss, g_logits = torch.randn_like(loss), torch.randn_like(logits)
+    got = torch.autograd.grad((loss, logits), (x, w, b), (g_loss, g_logits))
+    want = torch.autograd.grad((ref, ref_logits), (x, w, b), (g_loss, g_logits))
+    for g, r in zip(got, want):
+        assert torch.equal(g, r)
+
+
+@needs_cpp
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
+                                   (False, True, True), (True, False, None), (False, True, None)])
+def test_eager_cpp_autograd_computes_only_what_is_needed(needs):
+    """Any subset of (features, weight, bias) requiring grad, bias absent (None) included."""
+    torch.manual_seed(3)
+    x, w, b, t = make_inputs(4, 6, 2, 2, 5, "nchw", dtype=torch.float64, bias=needs[2] is not None)
+    leaves = [v.detach().requires_grad_(bool(n)) if v is not None else None for v, n in zip((x, w, b), needs)]
+    wanted = [v for v, n in zip(leaves, needs) if n]
+    with use_backend("cpu"):
+        loss = aux_head_loss(*leaves, t, label_smoothing=0.1)
+    got = torch.autograd.grad(loss, wanted)
+    ref = torch.autograd.grad(aux_head_loss_reference(*leaves, t, label_smoothing=0.1), wanted)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+@needs_cpp
+def test_cpp_backward_reads_grad_losses_with_its_stride():
+    """A mean or sum's gradient reaches the backward ops as one value expanded (stride 0); any
+    stride gives what the contiguous copy gives."""
+    x, w, b, t = (v.detach() for v in make_inputs(6, 8, 3, 3, 5, "nchw"))
+    ops = torch.ops.mlaan_fast
+    _, logits, pooled, lse = ops.aux_head_loss_forward(x, w, b, t, 0.1)
+    for g in (torch.tensor(0.37).expand(6), torch.randn(12)[::2]):
+        assert not g.is_contiguous()
+        gx = ops.aux_head_loss_backward_input(g, None, logits, lse, w, t, 0.1, [6, 8, 3, 3], torch.float32, False)
+        gw, gb = ops.aux_head_loss_backward_params(g, None, logits, lse, pooled, t, 0.1)
+        c = g.contiguous()
+        assert torch.equal(gx, ops.aux_head_loss_backward_input(c, None, logits, lse, w, t, 0.1, [6, 8, 3, 3],
+                                                                torch.float32, False))
+        rw, rb = ops.aux_head_loss_backward_params(c, None, logits, lse, pooled, t, 0.1)
+        assert torch.equal(gw, rw) and torch.equal(gb, rb)
+
+
 @needs_cpp
 def test_opcheck_custom_ops_cpu():
     x, w, b, t = make_inputs(3, 6, 2, 2, 4, "channels_last")

@@ -71,7 +71,20 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cfg: dict) -> None:
 
 
 def _single_process_reference(cfg: TrainConfig, world: int) -> dict:
-    """One process replaying every rank's micro-batch per step, gradients averaged, one step."""
+    """One process replaying every rank's micro-batch per step, gradients averaged, one step.
+
+    It runs on one thread, as each rank does: CPU convolutions round differently with another
+    thread count, and two training steps can grow that rounding past the tolerance (seen: 7e-5
+    on the first convolution's weight with 2 threads against 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _replay_ranks(cfg, world)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _replay_ranks(cfg: TrainConfig, world: int) -> dict:
     cpu = torch.device("cpu")
     loop.seed_everything(cfg.seed, deterministic=False)
     train_set, test_set, info = build_datasets(cfg.dataset, cfg.data_dir)
