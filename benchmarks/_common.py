@@ -67,17 +67,23 @@ def bench(fn, device, *, warmup_ms: float = 25, rep_ms: float = 100, min_reps: i
     return _quantiles(times)
 
 
-def bench_interleaved(fns: dict, *, rep_ms: float = 300, min_reps: int = 5) -> dict:
-    """{name: (p50, p20, p80) ms} of each CPU callable, timed by wall clock in rounds that call every one once."""
+def bench_interleaved(fns: dict, *, rep_ms: float = 300, min_reps: int = 5, block: int = 10) -> dict:
+    """{name: (p50, p20, p80) ms} of each CPU callable, wall clock, in rounds of ``block`` calls each.
+
+    Rounds spread a slower or faster spell of a shared machine over every callable; the first call
+    of each block is not kept (it pays for the switch: caches, and the OpenMP threads of compiled
+    code still spinning from the previous callable)."""
     for fn in fns.values():
         fn()  # warm-up
     times = {name: [] for name in fns}
     t_end = time.perf_counter() + rep_ms / 1e3
     while min(map(len, times.values()), default=min_reps) < min_reps or time.perf_counter() < t_end:
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            for i in range(block + 1):
+                t0 = time.perf_counter()
+                fn()
+                if i:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: _quantiles(ts) for name, ts in times.items()}
 
 

@@ -146,7 +146,7 @@ void add_python_bindings(PyObject* module) {
   auto m = pybind11::reinterpret_borrow<pybind11::module_>(module);
   m.def("aux_head_loss_autograd", &aux_head_loss_autograd, pybind11::arg("features"), pybind11::arg("weight"),
         pybind11::arg("bias"), pybind11::arg("target"), pybind11::arg("reduction"), pybind11::arg("label_smoothing"),
-        pybind11::arg("check_target"),
+        pybind11::arg("check_target"), pybind11::call_guard<pybind11::gil_scoped_release>(),
         "features [B,C,H,W] or [B,C], weight [N,C], bias [N] or None, target int64 [B] -> (loss, logits [B,N]); "
         "the fused aux-head loss with its backward, for eager mode (cpu and cuda backends)");
 }
