@@ -19,7 +19,8 @@ TORCH_LIBRARY(mlaan_fast, m) {
         " *, bool check_target=True) -> (Tensor losses, Tensor logits, Tensor pooled, Tensor lse)");
   m.def("aux_head_loss_forward_out(Tensor features, Tensor weight, Tensor? bias, Tensor target, float label_smoothing,"
         " Tensor(a!) losses, Tensor(b!) logits, Tensor(c!) pooled, Tensor(d!) lse, *, bool check_target=True) -> ()");
-  // d(features) from d(losses) [B] (+ d(logits) [B,N]), in features_dtype and layout.
+  // d(features) from d(losses) [B] (+ d(logits) [B,N]), in features_dtype and layout. Both backward
+  // ops read grad_losses with its own stride: stride 0 (a reduction's gradient, expanded) is fine.
   m.def("aux_head_loss_backward_input(Tensor grad_losses, Tensor? grad_logits, Tensor logits, Tensor lse,"
         " Tensor weight, Tensor target, float label_smoothing, SymInt[] features_shape,"
         " ScalarType features_dtype, bool channels_last, *, bool check_target=True) -> Tensor");
