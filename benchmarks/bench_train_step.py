@@ -16,6 +16,10 @@ A step is ``model.local_step`` (every local forward/backward of the iteration) +
   for e2e and the methods with cascade windows. Its memory numbers are those of an eager step
   (a replay saves no tensors through autograd); the timed steps are replays.
 
+Time per step: on a GPU back to back with CUDA events, one configuration after another; on the
+CPU by wall clock, the variants of one method built first and then stepped in turn, so that a
+shared machine's drift in speed reaches each of them alike.
+
 Memory, per configuration (one extra untimed step):
 
 * ``act_peak``: :class:`mlaan_fast.profiling.ActivationMeter` peak of bytes saved for backward
@@ -230,8 +234,8 @@ def quantiles(times: list[float]) -> tuple[float, float, float]:
     return statistics.median(times), q[1], q[7]
 
 
-def measure(arch, K, method, variant, dtype_name, args, device, budget):
-    """One configuration: dict of numbers, or raises (the caller reports and goes on)."""
+def prepare(arch, K, method, variant, dtype_name, args, device, budget):
+    """Build one configuration and weigh it (two untimed steps): (step, numbers without times)."""
     torch.manual_seed(0)
     model, ema = build(arch, K, method, variant, device)
     images, targets = _batch(args.batch_size, device)
@@ -249,12 +253,26 @@ def measure(arch, K, method, variant, dtype_name, args, device, budget):
         if step.local_step.num_graphs != 1:
             raise RuntimeError("graphed variant: the step was not captured")
     act_peak = meter.peak_bytes
-    cuda_peak = meter.cuda_max_allocated
-    total = state_bytes(model, optimizer) + act_peak
-    n_inference = sum(p.numel() for p in model.inference_parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return step, dict(
+        act_peak=act_peak,
+        cuda_peak=meter.cuda_max_allocated,
+        total=state_bytes(model, optimizer) + act_peak,
+        n_inference=sum(p.numel() for p in model.inference_parameters()),
+        n_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+
+
+def _release(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(arch, K, method, variant, dtype_name, args, device, budget):
+    """One configuration: dict of numbers, or raises (the caller reports and goes on)."""
+    step, numbers = prepare(arch, K, method, variant, dtype_name, args, device, budget)
     budget.check()
-    times = time_steps(
+    numbers["times"] = time_steps(
         step,
         device,
         budget,
@@ -263,18 +281,44 @@ def measure(arch, K, method, variant, dtype_name, args, device, budget):
         min_reps=args.min_reps,
         max_seconds=args.max_seconds,
     )
-    del model, ema, step, optimizer, images, targets
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return dict(
-        times=times,
-        act_peak=act_peak,
-        cuda_peak=cuda_peak,
-        total=total,
-        n_inference=n_inference,
-        n_trainable=n_trainable,
-    )
+    del step
+    _release(device)
+    return numbers
+
+
+def measure_alternating(arch, K, method, variants, dtype_name, args, device, budget):
+    """CPU: every variant of one method built first, then timed one step each in turn.
+
+    A shared CPU drifts in speed over minutes; alternating gives every variant the same spells,
+    so the ratios between them hold even when the absolute times move. Returns {variant: numbers
+    or the exception that variant raised}."""
+    results, steps = {}, {}
+    for variant in variants:
+        try:
+            steps[variant], results[variant] = prepare(arch, K, method, variant, dtype_name, args, device, budget)
+        except BudgetSpent:
+            raise
+        except Exception as exc:  # this variant is reported as failed; the others go on
+            results[variant] = exc
+    for _ in range(args.warmup):
+        for step in steps.values():
+            budget.check()
+            step()
+    times = {variant: [] for variant in steps}
+    t_end = time.perf_counter() + args.max_seconds * max(1, len(steps))
+    done = lambda: min(map(len, times.values()), default=args.reps)  # noqa: E731
+    while steps and done() < args.reps and (done() < args.min_reps or time.perf_counter() < t_end):
+        if done() and budget.left() <= 0:
+            break
+        for variant, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[variant].append((time.perf_counter() - t0) * 1e3)
+    for variant in steps:
+        results[variant]["times"] = times[variant]
+    del steps
+    _release(device)
+    return results
 
 
 def plan(args):
@@ -368,6 +412,7 @@ def main(argv=None) -> int:
     straight_ms: dict[tuple, float] = {}  # (arch, K, method, dtype) -> p50 ms
     measured = skipped = 0
     runs = plan(args)
+    alternating: dict[tuple, dict] = {}  # CPU: (arch, K, method, dtype) -> {variant: numbers or exception}
     for i, (arch, K, method, variant, dtype_name) in enumerate(runs):
         if budget.left() <= 1.0:
             skipped = len(runs) - i
@@ -376,7 +421,16 @@ def main(argv=None) -> int:
         shape = f"{arch} K={K} B={args.batch_size} {dtype_name}"
         provider = f"{method}/{variant}"
         try:
-            r = measure(arch, K, method, variant, dtype_name, args, device, budget)
+            if on_gpu:
+                r = measure(arch, K, method, variant, dtype_name, args, device, budget)
+            else:
+                key = (arch, K, method, dtype_name)
+                if key not in alternating:
+                    group = [v for (a, k, m, v, d) in runs if (a, k, m, d) == key]
+                    alternating[key] = measure_alternating(arch, K, method, group, dtype_name, args, device, budget)
+                r = alternating[key][variant]
+                if isinstance(r, Exception):
+                    raise r
         except BudgetSpent:
             skipped = len(runs) - i
             print(f"budget spent during {shape} {provider}: "
