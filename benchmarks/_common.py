@@ -71,8 +71,8 @@ def bench_interleaved(fns: dict, *, rep_ms: float = 300, min_reps: int = 5, bloc
     """{name: (p50, p20, p80) ms} of each CPU callable, wall clock, in rounds of ``block`` calls each.
 
     Rounds spread a slower or faster spell of a shared machine over every callable; the first call
-    of each block is not kept (it pays for the switch: caches, and the OpenMP threads of compiled
-    code still spinning from the previous callable)."""
+    of each block is not kept (it pays for the switch from the previous callable: caches and
+    whatever that callable left running)."""
     for fn in fns.values():
         fn()  # warm-up
     times = {name: [] for name in fns}

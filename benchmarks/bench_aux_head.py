@@ -7,7 +7,8 @@ kernels with ``check_target=False`` (no target-range check, so no host sync on a
 trainer that validated its labels calls it). On a GPU, ``eager-graph``, ``cuda-graph`` and
 ``triton-graph`` replay the whole step from a CUDA graph: no host work, so they time the
 kernels alone (the bandwidth the kernels reach), while the others time what a Python caller
-waits for, host work included (these shapes take a GPU less time than the host needs to issue them).
+waits for, host work included (on an H200 these steps took 0.5-1.4 ms for feature traffic that
+copy bandwidth moves in 8-33 us).
 
 Shapes: CIFAR ResNet module outputs at batch 1024 and the ImageNet head at batch 256 on a GPU,
 B=256 C=64 8x8 on the CPU, and on both a tiny ``host`` shape (B=2, C=16, 1x1) whose time is

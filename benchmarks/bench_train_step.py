@@ -306,7 +306,10 @@ def measure_alternating(arch, K, method, variants, dtype_name, args, device, bud
             step()
     times = {variant: [] for variant in steps}
     t_end = time.perf_counter() + args.max_seconds * max(1, len(steps))
-    done = lambda: min(map(len, times.values()), default=args.reps)  # noqa: E731
+
+    def done() -> int:  # steps timed for every variant
+        return min(map(len, times.values()), default=args.reps)
+
     while steps and done() < args.reps and (done() < args.min_reps or time.perf_counter() < t_end):
         if done() and budget.left() <= 0:
             break
