@@ -26,6 +26,7 @@ import argparse
 import functools
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ from mlaan_fast.ops import aux_head_loss, available_backends, use_backend  # noq
 # (B, C, H, W, N): CIFAR ResNet module outputs at batch 1024, ImageNet ResNet head at batch 256;
 # HOST_SHAPE: so small that a step's time is the host's.
 HOST_SHAPE = (2, 16, 1, 1, 10)
-GPU_SHAPES = [(1024, 16, 32, 32, 10), (1024, 32, 16, 16, 10), (1024, 64, 8, 8, 10), (256, 512, 7, 7, 1000), HOST_SHAPE]
+GPU_SHAPES = [(1024, 16, 32, 32, 10), (1024, 32, 16, 16, 10), (1024, 64, 8, 8, 10), HOST_SHAPE, (256, 512, 7, 7, 1000)]
 CPU_SHAPES = [(256, 64, 8, 8, 10), HOST_SHAPE]
 BASELINES = ("eager", "compile", "compile-max-autotune")
 GRAPH_BASELINES = ("eager-graph",)
@@ -194,7 +195,10 @@ def main(argv=None):
     parser.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
     parser.add_argument("--providers", default="", help="comma list to run (default: all)")
     parser.add_argument("--profile", action="store_true", help="print per-kernel CUDA times of ours")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds; no shape is started once they are spent (shapes run in order of importance)")
     args = parser.parse_args(argv)
+    t0 = time.perf_counter()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     writer = CsvWriter("aux_head", device, args.out)
@@ -202,6 +206,9 @@ def main(argv=None):
     print(f"aux_head_loss fwd+bwd on {device_name(device)}; copy bandwidth {copy_gbs:.1f} GB/s")
     writer.add("copy", "torch", "fp32", "bandwidth", "GB/s", copy_gbs)
     for shape in GPU_SHAPES if device.type == "cuda" else CPU_SHAPES:
+        if args.budget is not None and time.perf_counter() - t0 > args.budget:
+            print(f"budget of {args.budget:.0f}s spent: shape {shape} not measured")
+            continue
         print(f"shape B,C,H,W,N = {shape}")
         run_shape(shape, device, dtype, args.layout, writer, copy_gbs, args.quick,
                   providers=[p for p in args.providers.split(",") if p], profile=args.profile)
