@@ -105,9 +105,9 @@ case $rc in
   *) printf 'pytest -m gpu\tFAILED\t-\t%s\n' "$(tail -n 1 "$WORK/pytest_gpu.log" | tr '\t|' '  ')" >> "$STATUS" ;;
 esac
 
-# 4. Every benchmark, each with a share of what is left (weights: train step 3, others 1).
+# 4. Every benchmark, each with a share of what is left (weights: train step 3, aux head 2, others 1).
 BENCHES=$(ls benchmarks/bench_*.py 2>/dev/null | grep -v bench_train_step.py; ls benchmarks/bench_train_step.py 2>/dev/null)
-weight() { case "$1" in *bench_train_step.py) echo 3 ;; *) echo 1 ;; esac; }
+weight() { case "$1" in *bench_train_step.py) echo 3 ;; *bench_aux_head.py) echo 2 ;; *) echo 1 ;; esac; }
 remaining_weight=0
 for b in $BENCHES; do remaining_weight=$((remaining_weight + $(weight "$b"))); done
 for b in $BENCHES; do
