@@ -24,6 +24,10 @@ using torch::autograd::variable_list;
 
 enum Reduction : int64_t { kMean = 0, kSum = 1, kNone = 2 };
 
+constexpr const char* kDoubleBackwardError =
+    "aux_head_loss: the fused op is differentiable once; its backward cannot run with "
+    "create_graph=True (use the reference backend, or the unfused head, for higher derivatives)";
+
 Reduction parse_reduction(const std::string& reduction) {
   if (reduction == "mean") return kMean;
   if (reduction == "sum") return kSum;
@@ -89,7 +93,16 @@ class AuxHeadLoss : public torch::autograd::Function<AuxHeadLoss> {
     return {loss, logits};
   }
 
+  // Differentiable once: the backward operators have no derivative of their own, so building a
+  // graph of the gradients (create_graph=True) would let a second derivative come out as zeros.
+  // That is refused up front instead.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!at::GradMode::is_enabled(), kDoubleBackwardError);
+    return gradients(ctx, grads);
+  }
+
+ private:
+  static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &logits = saved[0], &pooled = saved[1], &lse = saved[2], &weight = saved[3], &target = saved[4];
     const int64_t B = logits.size(0);

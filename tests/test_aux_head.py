@@ -208,6 +208,19 @@ def test_eager_cpp_autograd_computes_only_what_is_needed(needs):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
 
 
+
+@pytest.mark.parametrize("backend", _backends("cpu", "triton"))
+def test_create_graph_is_refused_not_silently_zero(backend):
+    """The fused op is differentiable once: a graph of its gradients is refused with a clear error
+    (a second derivative would otherwise come out as zeros); the reference gives one."""
+    x, w, _, t = make_inputs(3, 4, 2, 2, 5, "nchw", dtype=torch.float64, bias=False)
+    with use_backend(backend):
+        loss = aux_head_loss(x, w, None, t)
+    with pytest.raises(NotImplementedError, match="differentiable once"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    (gx,) = torch.autograd.grad(aux_head_loss_reference(x, w, None, t), x, create_graph=True)
+    assert torch.autograd.grad(gx.pow(2).sum(), w)[0].abs().sum() > 0
+
 @needs_cpp
 def test_cpp_backward_reads_grad_losses_with_its_stride():
     """A mean or sum's gradient reaches the backward ops as one value expanded (stride 0); any

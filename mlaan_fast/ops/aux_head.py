@@ -330,7 +330,15 @@ class _EagerAuxHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_losses, grad_logits):
+        if torch.is_grad_enabled():  # create_graph=True: see DOUBLE_BACKWARD_ERROR
+            raise NotImplementedError(DOUBLE_BACKWARD_ERROR)
         return _backward(ctx, grad_losses, grad_logits, ops=(_backward_input_impl, _backward_params_impl))
+
+
+# The backward kernels have no derivative of their own: a graph of the gradients would give zero
+# second derivatives, so building one is refused (same text as aux_head_autograd.cpp).
+DOUBLE_BACKWARD_ERROR = ("aux_head_loss: the fused op is differentiable once; its backward cannot run with "
+                         "create_graph=True (use the reference backend, or the unfused head, for higher derivatives)")
 
 
 def _register_cpp_fakes() -> None:
