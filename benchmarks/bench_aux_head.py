@@ -10,8 +10,8 @@ kernels alone (the bandwidth the kernels reach), while the others time what a Py
 waits for, host work included (on an H200 these steps took 0.5-1.4 ms for feature traffic that
 copy bandwidth moves in 8-33 us).
 
-Shapes: CIFAR ResNet module outputs at batch 1024 and the ImageNet head at batch 256 on a GPU,
-B=256 C=64 8x8 on the CPU, and on both a tiny ``host`` shape (B=2, C=16, 1x1) whose time is
+Shapes: CIFAR ResNet module outputs at batch 1024 on a GPU, B=256 C=64 8x8 on the CPU, and on
+both the ImageNet head at batch 256 and a tiny ``host`` shape (B=2, C=16, 1x1) whose time is
 almost all host overhead (Python, dispatcher, autograd, launches).
 
 Rows go to ``results/aux_head.csv``: time (p50/p20/p80 ms), peak memory above the inputs (GPU:
@@ -40,7 +40,7 @@ from mlaan_fast.ops import aux_head_loss, available_backends, use_backend  # noq
 # HOST_SHAPE: so small that a step's time is the host's.
 HOST_SHAPE = (2, 16, 1, 1, 10)
 GPU_SHAPES = [(1024, 16, 32, 32, 10), (1024, 32, 16, 16, 10), (1024, 64, 8, 8, 10), HOST_SHAPE, (256, 512, 7, 7, 1000)]
-CPU_SHAPES = [(256, 64, 8, 8, 10), HOST_SHAPE]
+CPU_SHAPES = [(256, 64, 8, 8, 10), HOST_SHAPE, (256, 512, 7, 7, 1000)]
 BASELINES = ("eager", "compile", "compile-max-autotune")
 GRAPH_BASELINES = ("eager-graph",)
 

@@ -160,6 +160,26 @@ def test_gradcheck_fp64(backend, reduction, ls):
     assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=small)
 
 
+# The CPU kernels run the linear layer as GEMM from B*N*C = 2**17 on (aux_head_cpu.cpp): shapes
+# on that side of the switch, so both paths are checked.
+GEMM_SHAPE = dict(B=6, C=160, N=140)
+
+
+@needs_cpp
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_fp64_cpu_gemm_path(bias):
+    B, C, N = GEMM_SHAPE.values()
+    x, w, b, t = make_inputs(B, C, 2, 1, N, "channels_last", dtype=torch.float64, bias=bias)
+    inputs = (x, w, b) if bias else (x, w)
+
+    def f(*args):
+        with use_backend("cpu"):
+            return aux_head_loss(args[0], args[1], args[2] if bias else None, t, reduction="none",
+                                 label_smoothing=0.1, return_logits=True)
+
+    assert torch.autograd.gradcheck(f, inputs, fast_mode=True)
+
+
 @needs_cpp
 def test_gradcheck_fp64_flat_no_bias_cpu():
     x, w, _, t = make_inputs(4, 6, 1, 1, 3, "flat", dtype=torch.float64, bias=False)
@@ -358,10 +378,13 @@ def test_triton_forward_writes_every_output_element():
     torch.testing.assert_close(losses, F.cross_entropy(ref_logits, t, reduction="none", label_smoothing=0.1))
 
 
-@pytest.mark.parametrize("backend", _backends("cpu", "triton"))
-def test_backward_writes_every_output_element(backend):
+@pytest.mark.parametrize("backend,size", [pytest.param("cpu", (6, 9, 5), marks=needs_cpp),
+                                          pytest.param("cpu", tuple(GEMM_SHAPE.values()), marks=needs_cpp),
+                                          pytest.param("triton", (6, 9, 5), marks=needs_triton_cpu)])
+def test_backward_writes_every_output_element(backend, size):
     """Uninitialised memory is filled with NaN here, so a gradient element left unwritten shows up."""
-    x, w, b, t = make_inputs(6, 9, 3, 3, 5, "channels_last")
+    B, C, N = size
+    x, w, b, t = make_inputs(B, C, 3, 3, N, "channels_last")
     old = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = True
@@ -379,17 +402,23 @@ def test_backward_writes_every_output_element(backend):
         torch.testing.assert_close(g, r)
 
 
-@pytest.mark.parametrize("backend", _backends("reference", "cpu", "triton"))
+BOTH_PATHS = [pytest.param("reference", (4, 8, 6)), pytest.param("cpu", (4, 8, 6), marks=needs_cpp),
+              pytest.param("cpu", tuple(GEMM_SHAPE.values()), marks=needs_cpp),
+              pytest.param("triton", (4, 8, 6), marks=needs_triton_cpu)]
+
+
+@pytest.mark.parametrize("backend,size", BOTH_PATHS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_features_give_nan(backend, bad):
-    x, w, b, t = make_inputs(4, 8, 3, 3, 6, "nchw")
+def test_non_finite_features_give_nan(backend, size, bad):
+    B, C, N = size
+    x, w, b, t = make_inputs(B, C, 3, 3, N, "nchw")
     x = x.detach().clone()
     x[2, 3, 1, 1] = bad
     with use_backend(backend):
         per_sample = aux_head_loss(x, w, b, t, reduction="none")
         mean = aux_head_loss(x, w, b, t)
     assert torch.isnan(per_sample[2]) and torch.isnan(mean)
-    keep = torch.tensor([0, 1, 3])
+    keep = torch.arange(B) != 2
     ref = aux_head_loss_reference(x[keep], w, b, t[keep], reduction="none")
     torch.testing.assert_close(per_sample[keep], ref)
 
@@ -463,15 +492,16 @@ def _with_bad_target(B=6, C=8, N=5, bad_index=2, bad_value=5):
     return x, w, b, t
 
 
-@pytest.mark.parametrize("backend", _backends("reference", "cpu", "triton"))
-@pytest.mark.parametrize("bad_value", [5, -1, 1 << 40])
-def test_unchecked_bad_target_gives_nan(backend, bad_value):
+@pytest.mark.parametrize("backend,size", BOTH_PATHS)
+@pytest.mark.parametrize("bad_value", ["N", -1, 1 << 40])
+def test_unchecked_bad_target_gives_nan(backend, size, bad_value):
     """check_target=False: no error, a NaN loss (and NaN gradients) for the bad sample, the rest exact."""
-    x, w, b, t = _with_bad_target(bad_value=bad_value)
+    B, C, N = size
+    x, w, b, t = _with_bad_target(B=B, C=C, N=N, bad_value=N if bad_value == "N" else bad_value)
     with use_backend(backend):
         per_sample = aux_head_loss(x, w, b, t, reduction="none", label_smoothing=0.1, check_target=False)
         mean = aux_head_loss(x, w, b, t, label_smoothing=0.1, check_target=False)
-    good = torch.arange(6) != 2
+    good = torch.arange(B) != 2
     assert torch.isnan(per_sample[2]) and torch.isnan(mean)
     ref = aux_head_loss_reference(x[good], w, b, t[good], reduction="none", label_smoothing=0.1)
     torch.testing.assert_close(per_sample[good], ref)
