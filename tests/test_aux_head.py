@@ -160,8 +160,9 @@ def test_gradcheck_fp64(backend, reduction, ls):
     assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=small)
 
 
-# The CPU kernels run the linear layer as GEMM from B*N*C = 2**17 on (aux_head_cpu.cpp): shapes
-# on that side of the switch, so both paths are checked.
+# The CPU kernels run the linear layer as GEMM from N*C = 4096 and B*N*C = 2**17 on (use_gemm in
+# aux_head_cpu.cpp): a shape
+# past that switch (N*C = 22400, B*N*C = 134400), so both paths are checked.
 GEMM_SHAPE = dict(B=6, C=160, N=140)
 
 
