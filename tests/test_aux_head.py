@@ -161,8 +161,7 @@ def test_gradcheck_fp64(backend, reduction, ls):
 
 
 # The CPU kernels run the linear layer as GEMM from N*C = 4096 and B*N*C = 2**17 on (use_gemm in
-# aux_head_cpu.cpp): a shape
-# past that switch (N*C = 22400, B*N*C = 134400), so both paths are checked.
+# aux_head_cpu.cpp): a shape past that switch (N*C = 22400, B*N*C = 134400), so both paths are checked.
 GEMM_SHAPE = dict(B=6, C=160, N=140)
 
 
