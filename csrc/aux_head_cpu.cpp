@@ -157,20 +157,19 @@ std::pair<acc_t, acc_t> sample_loss(const acc_t* zb, int64_t N, int64_t t, acc_t
   return {m, loss};
 }
 
-// d(logits) of samples [b0, b1) into dl[(b - b0) * N + n]: dlogit plus grad_logits when given.
+// Row b of d(logits) into row[N]: dlogit plus grad_logits when given. The softmax is taken from
+// p[N] when given (p may be row itself), else computed from the logits and the log-sum-exp.
 template <typename acc_t>
-void sample_dlogits(const BackwardOperands& in, int64_t b0, int64_t b1, acc_t* dl) {
-  const int64_t N = in.N;
-  const acc_t *zp = in.logits.const_data_ptr<acc_t>(), *gp = in.grad_losses.const_data_ptr<acc_t>();
-  const acc_t* mp = in.lse.const_data_ptr<acc_t>();
-  const acc_t* glp = in.grad_logits.defined() ? in.grad_logits.const_data_ptr<acc_t>() : nullptr;
-  const int64_t* tp = in.t.const_data_ptr<int64_t>();
+void dlogits_row(const BackwardOperands& in, int64_t b, const acc_t* p, acc_t* row) {
+  const int64_t N = in.N, t = in.t.const_data_ptr<int64_t>()[b];
+  const acc_t* zb = in.logits.const_data_ptr<acc_t>() + b * N;
+  const acc_t m = in.lse.const_data_ptr<acc_t>()[b];
+  const acc_t* glb = in.grad_logits.defined() ? in.grad_logits.const_data_ptr<acc_t>() + b * N : nullptr;
+  const acc_t g = sample_grad(in.grad_losses.const_data_ptr<acc_t>(), in.grad_losses_stride, t, b, N);
   const acc_t eps = static_cast<acc_t>(in.label_smoothing), inv_n = acc_t(1) / static_cast<acc_t>(N);
-  for (int64_t b = b0; b < b1; ++b) {
-    const acc_t g = sample_grad(gp, in.grad_losses_stride, tp[b], b, N);
-    acc_t* row = dl + (b - b0) * N;
-    for (int64_t n = 0; n < N; ++n)
-      row[n] = dlogit(g, zp[b * N + n], mp[b], n == tp[b], eps, inv_n) + (glp ? glp[b * N + n] : acc_t(0));
+  for (int64_t n = 0; n < N; ++n) {
+    const acc_t pn = p ? p[n] : std::exp(zb[n] - m);
+    row[n] = dlogit_p(g, pn, n == t, eps, inv_n) + (glb ? glb[n] : acc_t(0));
   }
 }
 
@@ -181,20 +180,9 @@ at::Tensor dlogits(const BackwardOperands& in) {
   at::Tensor dl = in.logits - in.lse.unsqueeze(1);
   dl.exp_();
   AT_DISPATCH_FLOATING_TYPES(in.logits.scalar_type(), "aux_head_loss_dlogits_cpu", [&] {
-    using acc_t = scalar_t;
-    const int64_t N = in.N;
-    acc_t* dlp = dl.data_ptr<acc_t>();
-    const acc_t* gp = in.grad_losses.const_data_ptr<acc_t>();
-    const acc_t* glp = in.grad_logits.defined() ? in.grad_logits.const_data_ptr<acc_t>() : nullptr;
-    const int64_t* tp = in.t.const_data_ptr<int64_t>();
-    const acc_t eps = static_cast<acc_t>(in.label_smoothing), inv_n = acc_t(1) / static_cast<acc_t>(N);
-    at::parallel_for(0, in.B, batch_grain(N), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const acc_t g = sample_grad(gp, in.grad_losses_stride, tp[b], b, N);
-        acc_t* row = dlp + b * N;
-        for (int64_t n = 0; n < N; ++n)
-          row[n] = dlogit_p(g, row[n], n == tp[b], eps, inv_n) + (glp ? glp[b * N + n] : acc_t(0));
-      }
+    scalar_t* dlp = dl.data_ptr<scalar_t>();
+    at::parallel_for(0, in.B, batch_grain(in.N), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) dlogits_row<scalar_t>(in, b, dlp + b * in.N, dlp + b * in.N);
     });
   });
   return dl;
@@ -282,7 +270,7 @@ void backward_input_cpu(const BackwardOperands& in, const at::Tensor& w, const a
         for (int64_t b = b0; b < b1; ++b) {
           const acc_t* dpb = dpp ? dpp + b * C : dp.data();
           if (!dpp) {
-            sample_dlogits<acc_t>(in, b, b + 1, dl.data());
+            dlogits_row<acc_t>(in, b, nullptr, dl.data());
             std::fill(dp.begin(), dp.end(), acc_t(0));
             for (int64_t n = 0; n < N; ++n) axpy(dl[n], wp + n * C, dp.data(), C);
           }
