@@ -48,9 +48,9 @@ from contextlib import nullcontext
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import CsvWriter, device_name  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._common import CsvWriter, device_name  # noqa: E402
 from mlaan_fast.profiling import ActivationMeter  # noqa: E402
 
 # The (arch, K) pairs, most telling first so a short budget still covers the claims.
@@ -541,7 +541,7 @@ def main(argv=None) -> int:
     print(f"{measured} configuration(s) measured -> {writer.path}")
     if not args.no_plot and measured:
         try:
-            from plot_train_step import plot
+            from benchmarks.plot_train_step import plot
 
             png = plot(writer.path, os.path.join(os.path.dirname(writer.path), "train_step.png"))
             print(f"plot -> {png}")
