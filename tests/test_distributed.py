@@ -22,6 +22,7 @@ from mlaan_fast.train import loop
 from mlaan_fast.train.config import TrainConfig, resolve_config
 from mlaan_fast.train.data import build_datasets, build_loaders
 from mlaan_fast.train.distributed import allreduce_gradients
+from tolerance import assert_all_close_scaled
 
 CFG = dict(
     dataset="synthetic",
@@ -129,8 +130,12 @@ def test_gloo_two_ranks_match_each_other_and_single_process(tmp_path):
 
     ref = _single_process_reference(TrainConfig(**cfg), world=2)
     compared = [k for k in ref if not k.endswith(BN_STATS)]
-    for k in compared:
-        torch.testing.assert_close(r0[k], ref[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    # The ranks' gradients are summed by an all-reduce, the reference's by one backward over both
+    # micro-batches: another order, so each floating tensor is compared to its own magnitude.
+    floating = [k for k in compared if ref[k].is_floating_point()]
+    assert_all_close_scaled({k: r0[k] for k in floating}, {k: ref[k] for k in floating})
+    for k in set(compared) - set(floating):
+        assert torch.equal(r0[k], ref[k]), k
     moved = [k for k in compared if r0[k].is_floating_point()]
     assert moved, "no floating-point state compared"
     assert (tmp_path / "run" / "last.pt").is_file()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mlaan_fast.models import GraphedLocalStep, build_model
+from tolerance import assert_all_close_scaled, assert_close_scaled
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,13 +43,16 @@ def test_graph_replay_matches_eager(method, overlap):
     want = _train(eager, 5, eager.local_step, batches)
     got = _train(graphed_model, 5, step, batches)
     assert step.num_graphs == 1  # steps 3..5 replayed the graph captured at step 3
+    # cuDNN's backward kernels may sum in another order from one run to the next: every tensor is
+    # compared to its own magnitude (rtol 1e-4 of its largest element after 5 SGD steps).
     for a, b in zip(want, got):
-        torch.testing.assert_close(b["loss"], a["loss"], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(b["logits"], a["logits"], rtol=1e-3, atol=1e-4)
-    for (name, pa), pb in zip(eager.named_parameters(), graphed_model.parameters()):
-        torch.testing.assert_close(pb, pa, rtol=1e-3, atol=1e-4, msg=name)
-    for (name, ba), bb in zip(eager.named_buffers(), graphed_model.named_buffers()):
-        torch.testing.assert_close(bb[1], ba, rtol=1e-3, atol=1e-4, msg=name)
+        assert_close_scaled(b["loss"], a["loss"], rtol=1e-4, name="loss")
+        assert_close_scaled(b["logits"], a["logits"], rtol=1e-4, name="logits")
+    state = {n: p.detach() for n, p in eager.named_parameters()} | dict(eager.named_buffers())
+    graphed_state = {n: p.detach() for n, p in graphed_model.named_parameters()} | dict(graphed_model.named_buffers())
+    floating = [n for n in state if state[n].is_floating_point()]
+    assert_all_close_scaled({n: graphed_state[n] for n in floating}, {n: state[n] for n in floating}, rtol=1e-4)
+    assert all(torch.equal(graphed_state[n], state[n]) for n in state if n not in floating)
 
 
 @pytest.mark.gpu

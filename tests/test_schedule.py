@@ -4,6 +4,7 @@ import torch
 
 from mlaan_fast.models import build_model
 from mlaan_fast.profiling import ActivationMeter
+from tolerance import assert_all_close_scaled
 
 CASES = [
     ("resnet20", 3, "mlaan"),
@@ -77,7 +78,15 @@ def test_once_matches_straightforward_fp32(method, options):
     x, y = _batch(torch.float32, n=8)
     a.local_step(x, y)
     b.local_step(x, y)
-    _assert_same_grads(a, b, rtol=1e-4, atol=1e-6)
+    # fp32: the schedules add the same terms in another order, so each gradient is compared to its
+    # own magnitude. Conv weight gradients behind BatchNorm are sums whose terms cancel: their
+    # rounding reaches several 1e-6 of the tensor's largest element, hence 3e-5 (a dropped or doubled
+    # term, w_ind = 1e-3 included, moves a gradient by far more).
+    assert_all_close_scaled(_grads(b), _grads(a), rtol=3e-5)
+
+
+def _grads(model):
+    return {name: p.grad for name, p in model.named_parameters()}
 
 
 def test_once_e2e_equals_plain_backprop():
