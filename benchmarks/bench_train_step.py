@@ -12,7 +12,7 @@ A step is ``model.local_step`` (every local forward/backward of the iteration) +
 * ``scheduled``: ``fused`` plus the forward-once window scheduler (``schedule="once"``); only for
   methods with cascade windows.
 * ``graphed`` (GPU only): ``scheduled`` with ``overlap=True`` (heads on a second stream) and the
-  whole ``local_step`` replayed from a CUDA graph (:class:`mlaan_fast.models.GraphedLocalStep`);
+  whole ``local_step`` replayed from a CUDA graph (:class:`mlaan_fast.runtime.GraphedLocalStep`);
   for e2e and the methods with cascade windows. Its memory numbers are those of an eager step
   (a replay saves no tensors through autograd); the timed steps are replays.
 
@@ -148,7 +148,7 @@ def make_step(model, ema, images, targets, autocast_dtype, device, graphed=False
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4, foreach=True)
     if graphed:
-        from mlaan_fast.models import GraphedLocalStep
+        from mlaan_fast.runtime import GraphedLocalStep
 
         local_step = GraphedLocalStep(model, amp_dtype=autocast_dtype)
         autocast = nullcontext  # applied inside the graph

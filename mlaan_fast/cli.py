@@ -17,13 +17,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_options(items: list[str]) -> dict:
+OPTION_PREFIX = "option:"  # argparse dest of the model-option flags
+
+
+def _model_option_items(items: list[str]) -> dict:
+    """``--model-option KEY=VALUE`` items -> {KEY: VALUE parsed as YAML}."""
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--model-option: expected KEY=VALUE, got {item!r}")
-        options[key] = yaml.safe_load(value)
+        try:
+            options[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"--model-option {key}: cannot read the value {value!r}") from None
     return options
 
 
@@ -32,9 +39,14 @@ def train_config_from_args(args: argparse.Namespace):
     from mlaan_fast.train.checkpoint import load_checkpoint
     from mlaan_fast.train.config import resolve_config
 
-    explicit = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "resume")}
-    if "model_options" in explicit:
-        explicit["model_options"] = _model_options(explicit["model_options"])
+    explicit, options = {}, _model_option_items(getattr(args, "model_option_items", []))
+    for key, value in vars(args).items():
+        if key.startswith(OPTION_PREFIX):
+            options[key[len(OPTION_PREFIX):]] = value
+        elif key not in ("command", "func", "config", "resume", "model_option_items"):
+            explicit[key] = value
+    if options:
+        explicit["options"] = options
     base = load_checkpoint(args.resume)["config"] if args.resume else None
     return resolve_config(explicit, args.config, base=base)
 
@@ -56,7 +68,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mlaan_fast.train.loop import build_for_config, evaluate, pick_device
 
     state = load_checkpoint(args.checkpoint)
-    cfg = TrainConfig(**state["config"])
+    cfg = TrainConfig.from_dict(state["config"], where=f"checkpoint {args.checkpoint}")
     if args.data_dir:
         cfg.data_dir = args.data_dir
     device = pick_device(args.device)
@@ -86,56 +98,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from mlaan_fast.train.config import AMP_MODES, DATASETS, RECIPES
+    """The train flags: one per TrainConfig setting and one per model option (LocalOptions)."""
+    from mlaan_fast.models.options import LocalOptions
+    from mlaan_fast.settings import add_flags
+    from mlaan_fast.train.config import TrainConfig
 
-    g = p.add_argument_group("what to train")
-    g.add_argument("--dataset", choices=DATASETS, default=S, help="default: digits (offline demo)")
-    g.add_argument("--data-dir", default=S, help="folder holding the dataset files (never downloaded)")
-    g.add_argument("--recipe", choices=RECIPES, default=S,
-                   help="hyper-parameter defaults: 'paper' (published recipe; default for cifar10/svhn/stl10/"
-                        "imagenet) or 'demo' (short run; default for digits/synthetic)")
-    g.add_argument("--config", default=None, help="YAML file of settings (e.g. runs/NAME/config.yaml)")
-    g.add_argument("--arch", default=S, help="resnet20/32/56/110 (CIFAR-style), resnet34/101/152 (ImageNet)")
-    g.add_argument("--method", default=S, help="e2e, dgl, infopro, mlaan, dgl+mlaan, infopro+mlaan")
-    g.add_argument("--K", "--k", dest="K", type=int, default=S, help="number of gradient-isolated modules")
-    g = p.add_argument_group("optimisation (defaults: the recipe)")
-    g.add_argument("--epochs", type=int, default=S)
-    g.add_argument("--batch-size", type=int, default=S, help="global batch, split over data-parallel ranks")
-    g.add_argument("--lr", type=float, default=S, help="peak learning rate (after warm-up)")
-    g.add_argument("--momentum", type=float, default=S)
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=S)
-    g.add_argument("--weight-decay", type=float, default=S)
-    g.add_argument("--warmup-epochs", type=float, default=S, help="linear warm-up, then cosine to 0")
-    g.add_argument("--ema-decay", type=float, default=S, help="EMA momentum m of the LAM shadows")
-    g = p.add_argument_group("model options (defaults: the model's, from the paper)")
-    g.add_argument("--mlm", action=argparse.BooleanOptionalAction, default=S, help="cascaded windows on/off")
-    g.add_argument("--lam", action=argparse.BooleanOptionalAction, default=S, help="leap augmented modules")
-    g.add_argument("--s", type=int, default=S, help="cascade span (modules per window)")
-    g.add_argument("--w-ind", type=float, default=S, help="weight of the independent loss")
-    g.add_argument("--w-casc", type=float, default=S, help="weight of the cascaded loss")
-    g.add_argument("--lam-depth", type=int, default=S, help="blocks per LAM for non-preset (arch, K)")
-    g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=S, help="fused head ops")
-    g.add_argument("--schedule", default=S, help="window schedule of the model")
-    g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=S,
-                   help="schedule 'once': heads on a second CUDA stream, overlapping module work")
-    g.add_argument("--model-option", dest="model_options", action="append", default=S, metavar="KEY=VALUE",
-                   help="any other build_model option (repeatable; VALUE parsed as YAML)")
-    g = p.add_argument_group("speed and reproducibility")
-    g.add_argument("--amp", choices=AMP_MODES, default=S, help="mixed precision (fp16 uses a grad scaler)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=S)
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=S, help="torch.compile")
-    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=S,
-                   help="replay each training step from a CUDA graph (GPU, fixed batch shape)")
-    g.add_argument("--seed", type=int, default=S)
-    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=S,
-                   help="torch.use_deterministic_algorithms (bitwise-repeatable runs, slower)")
-    g.add_argument("--workers", type=int, default=S, help="DataLoader worker processes")
-    g.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:N")
-    g.add_argument("--max-steps-per-epoch", type=int, default=S, help="cap on batches per epoch (short runs)")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default=S, help="run folder (default runs/<dataset>-<arch>-<method>-K<K>)")
-    g.add_argument("--resume", default=None, metavar="CHECKPOINT",
+    groups: dict = {}
+    add_flags(p, TrainConfig, default=S, groups=groups)
+    p.add_argument("--config", default=None, help="YAML file of settings (e.g. runs/NAME/config.yaml)")
+    p.add_argument("--resume", default=None, metavar="CHECKPOINT",
                    help="continue exactly from runs/NAME/last.pt (its settings; flags given must agree)")
+    g = p.add_argument_group("model options (defaults: the model's, from the paper)")
+    add_flags(g, LocalOptions, dest_prefix=OPTION_PREFIX, default=S, groups={None: g})
+    g.add_argument("--model-option", dest="model_option_items", action="append", default=[], metavar="KEY=VALUE",
+                   help="any model option as KEY=VALUE (repeatable; VALUE read as YAML)")
 
 
 def build_parser() -> argparse.ArgumentParser:

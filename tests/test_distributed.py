@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from mlaan_fast.train import loop
 from mlaan_fast.train.config import TrainConfig, resolve_config
 from mlaan_fast.train.data import build_datasets, build_loaders
-from mlaan_fast.train.distributed import allreduce_gradients
+from mlaan_fast.runtime.distributed import allreduce_gradients
 from tolerance import assert_all_close_scaled
 
 CFG = dict(

@@ -4,7 +4,8 @@ import copy
 import pytest
 import torch
 
-from mlaan_fast.models import GraphedLocalStep, build_model
+from mlaan_fast.models import build_model
+from mlaan_fast.runtime import GraphedLocalStep
 from tolerance import assert_all_close_scaled, assert_close_scaled
 
 pytestmark = pytest.mark.usefixtures("one_thread")

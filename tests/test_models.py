@@ -450,7 +450,7 @@ def test_mlaan_saves_far_fewer_activations_than_e2e():
     (dict(arch="resnet33", K=4, method="mlaan"), ValueError, "arch"),
     (dict(arch="resnet32", K=4, method="mlan"), ValueError, "method"),
     (dict(arch="resnet32", K=4, method="mlaan", bogus=1), TypeError, "bogus"),
-    (dict(arch="resnet32", K=4, method="mlaan", s=0), ValueError, "s must"),
+    (dict(arch="resnet32", K=4, method="mlaan", s=0), ValueError, "s: must"),
     (dict(arch="resnet32", K=4, method="mlaan", mlm=False, s=2), ValueError, "mlm=False"),
     (dict(arch="resnet32", K=4, method="mlaan", shadow_update="first"), ValueError, "shadow_update"),
     (dict(arch="resnet32", K=4, method="mlaan", schedule="sometimes"), ValueError, "schedule"),

@@ -4,6 +4,7 @@ import torch
 
 from mlaan_fast.models import build_model
 from mlaan_fast.profiling import ActivationMeter
+from mlaan_fast.runtime import LocalStep
 from tolerance import assert_all_close_scaled
 
 CASES = [
@@ -16,11 +17,11 @@ CASES = [
 ]
 
 
-def _pair(arch, K, method, dtype, once_options=None, **options):
+def _pair(arch, K, method, dtype, **options):
     models = []
-    for schedule, extra in (("straightforward", {}), ("once", once_options or {})):
+    for schedule in ("straightforward", "once"):
         torch.manual_seed(0)
-        models.append(build_model(arch, K=K, method=method, schedule=schedule, **options, **extra).to(dtype))
+        models.append(build_model(arch, K=K, method=method, schedule=schedule, **options).to(dtype))
     return models
 
 
@@ -40,10 +41,10 @@ def _assert_same_grads(a, b, rtol, atol):
     assert not bad, "gradients differ:\n" + "\n".join(bad[:10])
 
 
-def _check_fp64(arch, K, method, once_options=None):
-    a, b = _pair(arch, K, method, torch.float64, once_options=once_options)
+def _check_fp64(arch, K, method, overlap=False):
+    a, b = _pair(arch, K, method, torch.float64)
     x, y = _batch(torch.float64)
-    ra, rb = a.local_step(x, y), b.local_step(x, y)
+    ra, rb = a.local_step(x, y), b.local_step(x, y, overlap=overlap)
     _assert_same_grads(a, b, rtol=1e-9, atol=1e-12)
     # Reported losses are fp32 (one rounding of the fp64 objective): equal to an ulp.
     torch.testing.assert_close(rb["loss"], ra["loss"], rtol=1e-6, atol=0)
@@ -61,14 +62,17 @@ def test_once_matches_straightforward_fp64(arch, K, method):
                                            ("resnet20", 5, "infopro+mlaan"), ("resnet20", 4, "dgl")])
 def test_once_overlap_matches_straightforward_fp64(arch, K, method):
     """overlap=True reorders the work (window j after module j+1's forward): same gradients."""
-    _check_fp64(arch, K, method, once_options={"overlap": True})
+    _check_fp64(arch, K, method, overlap=True)
 
 
 def test_overlap_needs_the_once_schedule():
-    with pytest.raises(ValueError, match="overlap=True needs schedule='once'"):
-        build_model("resnet20", K=3, method="mlaan", schedule="straightforward", overlap=True)
-    with pytest.raises(TypeError, match="overlap must be True or False"):
-        build_model("resnet20", K=3, method="mlaan", overlap="yes")
+    model = build_model("resnet20", K=3, method="mlaan", schedule="straightforward")
+    with pytest.raises(ValueError, match="overlap needs schedule='once'"):
+        LocalStep(model, overlap=True)
+    with pytest.raises(ValueError, match="overlap needs schedule='once'"):
+        model.local_step(*_batch(torch.float32), overlap=True)
+    with pytest.raises(TypeError, match="overlap: expected true or false"):
+        LocalStep(build_model("resnet20", K=3, method="mlaan"), overlap="maybe")
 
 
 @pytest.mark.parametrize("method,options", [("mlaan", {}), ("dgl+mlaan", {}), ("mlaan", {"lam": False}),
@@ -122,11 +126,11 @@ def test_once_forwards_each_module_once(method, s):
 def test_once_memory_within_one_module_of_straightforward(method, overlap):
     x, y = _batch(torch.float32, n=4)
     peaks = {}
-    for schedule, extra in (("straightforward", {}), ("once", {"overlap": overlap})):
+    for schedule in ("straightforward", "once"):
         torch.manual_seed(0)
-        model = build_model("resnet20", K=9, method=method, schedule=schedule, **extra)
+        model = build_model("resnet20", K=9, method=method, schedule=schedule)
         with ActivationMeter() as meter:
-            model.local_step(x, y)
+            model.local_step(x, y, overlap=overlap and schedule == "once")
         peaks[schedule] = meter.peak_bytes
     # One module's saved activations: measured on the largest module (module 0: stem + first block).
     torch.manual_seed(0)

@@ -271,9 +271,20 @@ def test_cuda_graphs_need_cuda_and_exclude_compile(tmp_path):
         assert not (tmp_path / "graphs" / "last.pt").exists()
 
 
-def test_overlap_reaches_the_model(tmp_path):
-    cfg = tiny(tmp_path, "overlap", overlap=True)
-    assert cfg.model_kwargs()["overlap"] is True
+def test_overlap_reaches_the_step(tmp_path, monkeypatch):
+    """--overlap is a runtime switch: every training step's schedule runs with it."""
+    from mlaan_fast.models import LocalModel
+
+    seen, local_step = [], LocalModel.local_step
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("overlap"))
+        return local_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalModel, "local_step", spy)
+    cfg = tiny(tmp_path, "overlap", overlap=True, epochs=1, max_steps_per_epoch=2)
+    loop.train(cfg, verbose=False)
+    assert cfg.overlap is True and seen == [True, True]
 
 
 @pytest.mark.gpu

@@ -1,7 +1,7 @@
 """Models: CIFAR/ImageNet ResNets cut into gradient-isolated modules, trained by E2E, DGL, InfoPro or MLAAN.
 
 ``build_model(arch, num_classes=10, K=..., method=..., **options) -> LocalModel``; ``METHODS`` and
-``DEFAULT_OPTIONS`` list what it accepts, ``ARCHS`` the backbones, ``PRESETS`` the paper's splits.
+``LocalOptions`` list what it accepts, ``ARCHS`` the backbones, ``PRESETS`` the paper's splits.
 
 How K maps to modules: a preset (arch, K) uses its listed module ends. The CIFAR one-block-per-
 module presets count the stem as a module the way the paper labels them (ResNet-32 K=16 -> 15
@@ -25,11 +25,11 @@ Where this library departs from the public reference code, on purpose (method.md
   is built.
 """
 from mlaan_fast.models.archs import ARCHS, build_backbone
-from mlaan_fast.models.graphed_step import GraphedLocalStep
-from mlaan_fast.models.local_model import DEFAULT_OPTIONS, METHODS, LocalModel, build_model
+from mlaan_fast.models.local_model import METHODS, LocalModel, build_model
+from mlaan_fast.models.options import LocalOptions
 from mlaan_fast.models.plan import lam_lists, split
 from mlaan_fast.models.presets import PRESETS
 from mlaan_fast.models.schedules import SCHEDULES, Window
 
-__all__ = ["ARCHS", "DEFAULT_OPTIONS", "METHODS", "PRESETS", "SCHEDULES", "GraphedLocalStep", "LocalModel", "Window",
-           "build_backbone", "build_model", "lam_lists", "split"]
+__all__ = ["ARCHS", "METHODS", "PRESETS", "SCHEDULES", "LocalModel", "LocalOptions", "Window", "build_backbone",
+           "build_model", "lam_lists", "split"]

@@ -16,18 +16,18 @@ def infopro_weights(module_index: int, num_modules: int, ixx_1: float, ixy_1: fl
 
 
 def make_head(kind: str, in_channels: int, num_classes: int, *, module_index: int, num_modules: int,
-              final_channels: int, options: dict) -> nn.Module:
+              final_channels: int, options) -> nn.Module:
     """One auxiliary head computing a loss from features [B,in_channels,H,W] (and the image for InfoPro)."""
-    fused = options["fused"]
+    fused = options.fused
     if kind == "linear":
         return LinearAuxHead(in_channels, num_classes, fused=fused)
     if kind == "dgl":
-        return DGLAuxHead(in_channels, num_classes, fused=fused, lean=options["dgl_lean"])
+        return DGLAuxHead(in_channels, num_classes, fused=fused, lean=options.dgl_lean)
     if kind == "infopro":
-        ixx, ixy = infopro_weights(module_index, num_modules, options["ixx_1"], options["ixy_1"],
-                                   options["ixx_2"], options["ixy_2"])
-        return InfoProAuxHead(in_channels, num_classes, image_mean=options["mean"],
-                              image_std=options["std"], ixx=ixx, ixy=ixy,
+        ixx, ixy = infopro_weights(module_index, num_modules, options.ixx_1, options.ixy_1,
+                                   options.ixx_2, options.ixy_2)
+        return InfoProAuxHead(in_channels, num_classes, image_mean=options.mean,
+                              image_std=options.std, ixx=ixx, ixy=ixy,
                               final_channels=final_channels, fused=fused)
     raise ValueError(f"head kind: unknown {kind!r}; choose one of {', '.join(HEAD_KINDS)}")
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from mlaan_fast.models.archs import build_backbone, get_arch
 from mlaan_fast.models.heads import head_loss, make_head
+from mlaan_fast.models.options import LocalOptions
 from mlaan_fast.models.plan import lam_lists, split
 from mlaan_fast.models.schedules import get_schedule, make_windows
 from mlaan_fast.nn import LAM, EMAShadow
@@ -34,58 +35,11 @@ METHODS: dict[str, Method] = {
     "infopro+mlaan": Method("infopro", True, 3),
 }
 
-# Paper defaults (method.md); every one is a keyword of build_model.
-DEFAULT_OPTIONS = {
-    "s": None,  # cascade span; None: the method's (2 for mlaan, 3 for dgl+mlaan / infopro+mlaan)
-    "mlm": True,  # False: LAM-only ablation (span 1)
-    "lam": True,  # False: MLM-only ablation (cascade head directly on the window output)
-    "w_ind": 0.001,
-    "w_casc": 0.999,
-    "ema_decay": 0.995,
-    "lam_depth": 4,
-    "share_shadows": True,  # one EMA shadow per distinct live block (exact); False: one per LAM
-    "shadow_update": "all",  # "last_only": only the last LAM's shadow tracks its block (reference code)
-    "fused": True,
-    "dgl_lean": True,  # DGL heads (fused): save one tensor per conv layer, rebuild the other in backward
-    "schedule": "once",  # "straightforward": the published s+1 forwards per module (same gradients)
-    "overlap": False,  # "once" only: window j after module j+1's forward, heads on a second CUDA stream
-    "mean": (0.4914, 0.4822, 0.4465),  # dataset normalisation; InfoPro's decoder target is image*std+mean
-    "std": (0.2470, 0.2435, 0.2616),
-    "ixx_1": 5.0, "ixy_1": 0.5, "ixx_2": 0.0, "ixy_2": 0.0,  # InfoPro λ at module 0 and module M-2
-}
-
-
-def _resolve_options(method: str, options: dict) -> dict:
-    unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
-    if unknown:
-        raise TypeError(f"build_model: unknown option(s) {unknown}; known: {sorted(DEFAULT_OPTIONS)}")
-    resolved = {**DEFAULT_OPTIONS, **options}
-    spec = METHODS[method]
-    if resolved["s"] is None:
-        resolved["s"] = spec.span if resolved["mlm"] else 1
-    elif not resolved["mlm"] and resolved["s"] != 1:
-        raise ValueError(f"s={resolved['s']} contradicts mlm=False (the LAM-only ablation has span 1)")
-    if not isinstance(resolved["s"], int) or resolved["s"] < 1:
-        raise ValueError(f"s must be an int >= 1, got {resolved['s']!r}")
-    if resolved["shadow_update"] not in ("all", "last_only"):
-        raise ValueError(f"shadow_update must be 'all' or 'last_only', got {resolved['shadow_update']!r}")
-    if not 0.0 <= resolved["ema_decay"] <= 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1], got {resolved['ema_decay']}")
-    resolved["mean"] = tuple(float(v) for v in resolved["mean"])
-    resolved["std"] = tuple(float(v) for v in resolved["std"])
-    get_schedule(resolved["schedule"])
-    if not isinstance(resolved["overlap"], bool):
-        raise TypeError(f"overlap must be True or False, got {resolved['overlap']!r}")
-    if resolved["overlap"] and resolved["schedule"] != "once":
-        raise ValueError("overlap=True needs schedule='once' (the straightforward schedule runs window by window)")
-    return resolved
-
-
 class LocalModel(nn.Module):
     """A backbone in M gradient-isolated modules (``local_modules``), the real classifier ``fc``, and
     per-module auxiliary heads, LAMs and EMA shadows. Build it with :func:`build_model`."""
 
-    def __init__(self, arch: str, num_classes: int, K: int, method: str, options: dict):
+    def __init__(self, arch: str, num_classes: int, K: int, method: str, options: LocalOptions):
         super().__init__()
         spec = METHODS[method]
         backbone = build_backbone(arch, num_classes)
@@ -94,18 +48,18 @@ class LocalModel(nn.Module):
             raise ValueError(f"method 'e2e' trains one module (K=1), got K={K}")
         self.config = {"arch": arch, "method": method, "K": K, "num_classes": num_classes,
                        "num_modules": plan.num_modules,
-                       "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
+                       "options": options.to_dict()}
         self.options = options
         self.module_ends = plan.module_ends
         self.local_modules = nn.ModuleList(self._cut(backbone, plan.module_ends))
         self._live_blocks = {p: backbone.block(p) for p in backbone.positions()}  # plain dict: not registered
         self.fc = backbone.fc
         M = plan.num_modules
-        self.windows = make_windows(M, cascade=spec.mlaan, span=options["s"], w_ind=options["w_ind"],
-                                    w_casc=options["w_casc"])
-        self.schedule = get_schedule(options["schedule"])
-        self.use_lam = spec.mlaan and options["lam"]
-        self.lam_blocks = lam_lists(arch, K, plan.module_ends, options["lam_depth"]) if self.use_lam else ()
+        self.windows = make_windows(M, cascade=spec.mlaan, span=options.s, w_ind=options.w_ind,
+                                    w_casc=options.w_casc)
+        self.schedule = get_schedule(options.schedule)
+        self.use_lam = spec.mlaan and options.lam
+        self.lam_blocks = lam_lists(arch, K, plan.module_ends, options.lam_depth) if self.use_lam else ()
 
         widths = [backbone.block(end).out_channels for end in plan.module_ends]
         final_width = self.fc.in_features
@@ -146,9 +100,9 @@ class LocalModel(nn.Module):
         js = sorted(int(j) for j in self.casc_heads)
         if not js:
             return
-        tracked = js if options["shadow_update"] == "all" else js[-1:]
+        tracked = js if options.shadow_update == "all" else js[-1:]
         frozen = [j for j in js if j not in tracked]
-        share, decay = options["share_shadows"], options["ema_decay"]
+        share, decay = options.share_shadows, options.ema_decay
         self.shadow_bank, index, self.shadow_positions = self._shadow_bank(backbone, tracked, share, decay)
         if frozen:
             self.frozen_shadow_bank, frozen_index, _ = self._shadow_bank(backbone, frozen, share, decay)
@@ -206,7 +160,7 @@ class LocalModel(nn.Module):
     # ------------------------------------------------------------------ losses
     def _classifier_loss(self, features, targets):
         """Real classifier on the last module's output: (CE, logits [B,N])."""
-        if self.options["fused"]:
+        if self.options.fused:
             return aux_head_loss(features, self.fc.weight, self.fc.bias, targets, return_logits=True,
                                  check_target=self.check_targets)
         logits = self.fc(features.mean(dim=(2, 3)))
@@ -234,13 +188,16 @@ class LocalModel(nn.Module):
             x = module(x)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
-    def local_step(self, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None) -> dict:
-        """All local forwards/backwards of one iteration, accumulating .grad (no optimizer step).
+    def local_step(self, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None, *, overlap: bool = False,
+                   side_stream=None) -> dict:
+        """images [B,3,H,W], int64 targets [B]: every local forward/backward of one iteration,
+        accumulating .grad (no optimizer step).
 
         Returns {"loss": 0-dim total, "module_losses": [0-dim per module, 0 where a module has no
-        objective of its own], "logits": final logits [B,N]}, all detached.
+        objective of its own], "logits": final logits [B,N]}, all detached. ``overlap`` and
+        ``side_stream`` are the schedule's runtime switches (``mlaan_fast.runtime.LocalStep`` sets them).
         """
-        return self.schedule(self, images, targets, grad_scaler)
+        return self.schedule(self, images, targets, grad_scaler, overlap=overlap, side_stream=side_stream)
 
     @torch.no_grad()
     def update_shadows(self) -> None:
@@ -257,7 +214,7 @@ class LocalModel(nn.Module):
 def build_model(arch: str, num_classes: int = 10, K: int | None = None, method: str = "mlaan",
                 **options) -> LocalModel:
     """A LocalModel for ``arch`` (see ARCHS) cut into the modules of ``K`` (a preset label or 1..blocks),
-    trained by ``method`` (see METHODS); options (see DEFAULT_OPTIONS) default to the paper's values."""
+    trained by ``method`` (see METHODS); ``options`` are LocalOptions fields (the paper's defaults)."""
     get_arch(arch)
     if method not in METHODS:
         raise ValueError(f"method: unknown {method!r}; choose one of {', '.join(METHODS)}")
@@ -265,6 +222,7 @@ def build_model(arch: str, num_classes: int = 10, K: int | None = None, method: 
         if method != "e2e":
             raise ValueError(f"K is required for method {method!r}")
         K = 1
-    if not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    return LocalModel(arch, num_classes, K, method, _resolve_options(method, options))
+    resolved = LocalOptions.from_kwargs(**options).for_method(METHODS[method].span)
+    return LocalModel(arch, num_classes, K, method, resolved)

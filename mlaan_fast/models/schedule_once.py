@@ -17,10 +17,11 @@ instead of 3 forwards + 3 full backwards. BatchNorm running statistics are updat
 module per iteration (the published schedule updates them s+1 times with identical batch
 statistics).
 
-Option ``overlap`` (off by default) queues module j+1's forward before window j's heads and
-backward, and on a GPU runs the heads on a second CUDA stream, so head work overlaps module work
-(inside a CUDA graph the two streams become parallel branches). The gradients are the same; the
-saved-activation peak grows by at most one module (o_{j+1}'s graph is alive during window j).
+Switch ``overlap`` (off by default) queues module j+1's forward before window j's heads and
+backward; given a ``side_stream`` (a second CUDA stream, owned by the caller's runtime) the heads
+run on it, so head work overlaps module work (inside a CUDA graph the two streams become parallel
+branches). The gradients are the same; the saved-activation peak grows by at most one module
+(o_{j+1}'s graph is alive during window j).
 """
 from __future__ import annotations
 
@@ -42,13 +43,19 @@ def _reach(windows, num_modules: int) -> tuple[list[int], list[bool]]:
     return done_at, passes
 
 
-def once(model, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None) -> dict:
-    """Forward each module once, back-propagate every window's objective exactly as far as it reaches."""
+def once(model, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None, *, overlap: bool = False,
+         side_stream: torch.cuda.Stream | None = None) -> dict:
+    """Forward each module once, back-propagate every window's objective exactly as far as it reaches.
+
+    ``overlap``: window j after module j+1's forward (same maths); ``side_stream`` (CUDA batches,
+    with ``overlap``): the stream that runs the heads."""
     modules = model.local_modules
     windows = {w.index: w for w in model.windows}
     done_at, passes = _reach(model.windows, len(modules))
-    step = _Step(model, images, targets, grad_scaler, done_at, _side_stream(model, images))
-    defer = bool(model.options.get("overlap"))  # window j after module j+1's forward (same maths)
+    if side_stream is not None and not (overlap and images.is_cuda):
+        raise ValueError("schedule 'once': side_stream needs overlap=True and a batch on a CUDA device")
+    step = _Step(model, images, targets, grad_scaler, done_at, side_stream)
+    defer = overlap
     h, behind = images, None  # behind: (j, o_j, ready) of the window deferred until module j+1 is queued
     with torch.enable_grad():
         for j, module in enumerate(modules):
@@ -76,16 +83,6 @@ def once(model, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None) -
         "module_losses": step.module_losses,
         "logits": None if step.logits is None else step.logits.detach(),
     }
-
-
-def _side_stream(model, images: torch.Tensor):
-    """The CUDA stream for auxiliary heads when ``overlap`` is on and the batch is on a GPU, else None."""
-    if not (model.options.get("overlap") and images.is_cuda):
-        return None
-    streams = model.__dict__.setdefault("_head_streams", {})
-    if images.device not in streams:
-        streams[images.device] = torch.cuda.Stream(images.device)
-    return streams[images.device]
 
 
 class _Step:

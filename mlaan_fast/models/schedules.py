@@ -4,8 +4,9 @@ A :class:`Window` is the objective attached to one module j (method.md §2):
 ``ind_weight * L_ind(j) + casc_weight * L_casc(j)`` where L_ind(j) is module j's head on
 E_j(stopgrad o_{j-1}) and L_casc(j) runs modules ``start..j`` without stopgrad on
 stopgrad(o_{start-1}) and then LAM_j and the cascade head (the real classifier for the last module).
-A schedule is a function ``(model, images, targets, grad_scaler) -> dict`` that accumulates the
-gradients of every window's objective in ``.grad`` and returns the losses and final logits. It
+A schedule is a function ``(model, images, targets, grad_scaler, *, overlap, side_stream) -> dict``
+that accumulates the gradients of every window's objective in ``.grad`` and returns the losses and
+final logits; ``overlap`` and ``side_stream`` are the runtime's switches (only ``once`` has them). It
 uses only ``model.local_modules``, ``model.windows``, ``model.independent_loss(j, h, images,
 targets)`` and ``model.cascade_loss(j, z, images, targets)`` (each -> (loss, logits or None)).
 """
@@ -15,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from mlaan_fast.models.schedule_once import once
 
 
 @dataclass(frozen=True)
@@ -44,13 +47,16 @@ def backward(objective: torch.Tensor, grad_scaler=None) -> None:
     (objective if grad_scaler is None else grad_scaler.scale(objective)).backward()
 
 
-def straightforward(model, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None) -> dict:
+def straightforward(model, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None, *, overlap: bool = False,
+                    side_stream=None) -> dict:
     """The published schedule: module j runs on stopgrad(o_{j-1}) and its independent loss is
     back-propagated at once; then window j runs its modules again from stopgrad(o_{start-1}) and its
     cascaded loss is back-propagated. Every module is forwarded s+1 times; at most one window's
     activations (or one module's, for the independent loss) are alive at a time. The two terms of a
     window's objective are back-propagated one after the other: the same gradient as their sum,
     with the independent graph freed before the window is built."""
+    if overlap or side_stream is not None:
+        raise ValueError("overlap needs schedule='once' (the straightforward schedule runs window by window)")
     modules = model.local_modules
     windows = {w.index: w for w in model.windows}
     # o_k (k = -1 is the image) is kept until the last module that reads it has run.
@@ -92,9 +98,6 @@ def straightforward(model, images: torch.Tensor, targets: torch.Tensor, grad_sca
         "module_losses": module_losses,
         "logits": None if logits is None else logits.detach(),
     }
-
-
-from mlaan_fast.models.schedule_once import once  # noqa: E402  (after Window: it reads windows only)
 
 SCHEDULES: dict[str, Callable] = {"straightforward": straightforward, "once": once}
 

@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mlaan_fast.models.options import OPTION_NAMES
+from mlaan_fast.train.config import RESUME_KEYS
+
 FORMAT = "mlaan_fast.checkpoint"
 VERSION = 1
-# Settings that must match for a checkpoint to continue a run exactly (model shape or training path).
+# What must match for a checkpoint to continue a run exactly: the model's shape (these keys and
+# every model option) and the TrainConfig settings declared with resume=True (training path).
 MODEL_KEYS = ("arch", "method", "K", "num_classes")
-RUN_KEYS = ("dataset", "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs",
-            "ema_decay", "mlm", "lam", "s", "w_ind", "w_casc", "lam_depth", "model_options", "seed",
-            "max_steps_per_epoch", "amp")
 
 
 class CheckpointError(RuntimeError):
@@ -78,13 +79,14 @@ def check_compatible(state: dict, model_config: dict, config: dict | None = None
     saved_model = state["model_config"]
     diffs = [f"{k}: checkpoint has {saved_model.get(k)!r}, this run has {model_config.get(k)!r}"
              for k in MODEL_KEYS if saved_model.get(k) != model_config.get(k)]
-    if saved_model.get("options") != model_config.get("options") and "options" in model_config:
-        diffs.append(f"model options: checkpoint has {saved_model.get('options')!r}, "
-                     f"this run has {model_config.get('options')!r}")
+    if "options" in model_config:
+        saved_options, options = saved_model.get("options") or {}, model_config["options"]
+        diffs += [f"model option {k}: checkpoint has {saved_options.get(k)!r}, this run has {options[k]!r}"
+                  for k in OPTION_NAMES if saved_options.get(k) != options.get(k)]
     if config is not None:
         saved = state["config"]
         diffs += [f"{k}: checkpoint has {saved.get(k)!r}, this run has {config.get(k)!r}"
-                  for k in RUN_KEYS if k in saved and saved.get(k) != config.get(k)]
+                  for k in RESUME_KEYS if k in saved and saved.get(k) != config.get(k)]
     if diffs:
         raise CheckpointError(f"{path} was written by a different model or run and cannot be resumed "
                               "here:\n  " + "\n  ".join(diffs))

@@ -1,16 +1,24 @@
 """Training configuration: the paper's recipes per dataset, resolution of flags over them, YAML I/O.
 
 Precedence, lowest first: built-in defaults < the recipe for the dataset < ``--config FILE.yaml``
-< flags given on the command line. The resolved config is a flat :class:`TrainConfig`.
+< flags given on the command line. The resolved config is a :class:`TrainConfig`, whose fields are
+declared once with their check and help (``mlaan_fast.settings``); the model options it carries
+are those of :class:`mlaan_fast.models.LocalOptions`.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from mlaan_fast import settings
+from mlaan_fast.models.archs import ARCHS
+from mlaan_fast.models.local_model import METHODS
+from mlaan_fast.models.options import OPTION_NAMES, LocalOptions, check_options
+from mlaan_fast.settings import boolean, choice, integer, mapping, number, setting, text
 
 DATASETS = ("cifar10", "svhn", "stl10", "imagenet", "digits", "synthetic")
 PAPER_DATASETS = ("cifar10", "svhn", "stl10", "imagenet")
@@ -29,7 +37,7 @@ _PAPER = {
     "imagenet": dict(arch="resnet34", method="mlaan", K=4, epochs=150, batch_size=256, lr=0.05 * 256 / 128,
                      warmup_epochs=0),
 }
-_PAPER_COMMON = dict(momentum=0.9, nesterov=True, weight_decay=1e-4, ema_decay=0.995)
+_PAPER_COMMON = dict(momentum=0.9, nesterov=True, weight_decay=1e-4)
 
 # Short runs that finish in minutes on a laptop CPU (the no-argument demonstration is "digits").
 # Both sets live in memory, so loading in the main process (workers=0) is cheapest.
@@ -39,90 +47,114 @@ _DEMO = {
     "synthetic": dict(arch="resnet20", method="mlaan", K=2, epochs=1, batch_size=32, lr=0.05,
                       warmup_epochs=0, workers=0),
 }
-_DEMO_COMMON = dict(momentum=0.9, nesterov=True, weight_decay=1e-4, ema_decay=0.995)
+_DEMO_COMMON = dict(momentum=0.9, nesterov=True, weight_decay=1e-4)
 
-# Model options forwarded to build_model when set (None = the model's own default).
-MODEL_OPTION_KEYS = ("mlm", "lam", "s", "w_ind", "w_casc", "lam_depth", "fused", "schedule", "overlap")
+
+_WHAT, _OPT, _SPEED = "what to train", "optimisation (defaults: the recipe)", "speed and reproducibility"
+
+
+def _default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of one training run (flat, YAML-serialisable)."""
+    """Every setting of one training run (YAML-serialisable); ``options`` holds the model options set
+    explicitly (LocalOptions names; the rest keep the model's defaults)."""
 
-    dataset: str = "digits"
-    data_dir: str = "data"
-    recipe: str = "demo"
-    arch: str = "resnet20"
-    method: str = "mlaan"
-    K: int = 4
-    epochs: int = 4
-    batch_size: int = 64  # global batch: split evenly over data-parallel ranks
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.0
-    ema_decay: float = 0.995
-    mlm: bool | None = None
-    lam: bool | None = None
-    s: int | None = None
-    w_ind: float | None = None
-    w_casc: float | None = None
-    lam_depth: int | None = None
-    fused: bool | None = None
-    schedule: str | None = None
-    overlap: bool | None = None
-    model_options: dict = field(default_factory=dict)
-    amp: str = "off"
-    channels_last: bool = False
-    compile: bool = False
-    cuda_graphs: bool = False
-    seed: int = 0
-    deterministic: bool = False
-    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # DataLoader processes
-    device: str = "auto"
-    max_steps_per_epoch: int | None = None
-    out: str | None = None
+    dataset: str = setting("digits", "default: digits (offline demo)", choice(*DATASETS), group=_WHAT,
+                           resume=True)
+    data_dir: str = setting("data", "folder holding the dataset files (never downloaded)", text(), group=_WHAT)
+    recipe: str = setting("demo", "hyper-parameter defaults: 'paper' (published recipe; default for "
+                          "cifar10/svhn/stl10/imagenet) or 'demo' (short run; default for digits/synthetic)",
+                          choice(*RECIPES), group=_WHAT)
+    arch: str = setting("resnet20", "resnet20/32/56/110 (CIFAR-style), resnet18/34/50/101/152 (ImageNet)",
+                        choice(*ARCHS), group=_WHAT)
+    method: str = setting("mlaan", "e2e, dgl, infopro, mlaan, dgl+mlaan, infopro+mlaan", choice(*METHODS),
+                          group=_WHAT)
+    K: int = setting(4, "number of gradient-isolated modules", integer(1), flag="--K", aliases=("--k",),
+                     group=_WHAT)
+    epochs: int = setting(4, "epochs to train", integer(1), group=_OPT, resume=True)
+    batch_size: int = setting(64, "global batch, split evenly over data-parallel ranks", integer(1), group=_OPT,
+                              resume=True)
+    lr: float = setting(0.1, "peak learning rate (after warm-up)", number(0, lo_open=True), group=_OPT,
+                        resume=True)
+    momentum: float = setting(0.9, "SGD momentum", number(0, 1, hi_open=True), group=_OPT, resume=True)
+    nesterov: bool = setting(True, "Nesterov momentum", boolean, group=_OPT, resume=True)
+    weight_decay: float = setting(1e-4, "L2 weight decay", number(0), group=_OPT, resume=True)
+    warmup_epochs: float = setting(0.0, "linear warm-up epochs, then cosine to 0", number(0), group=_OPT,
+                                   resume=True)
+    options: dict = setting({}, "model options (LocalOptions) set explicitly", mapping, flag="", resume=False)
+    amp: str = setting("off", "mixed precision (fp16 uses a grad scaler)", choice(*AMP_MODES), group=_SPEED,
+                       resume=True)
+    channels_last: bool = setting(False, "channels_last memory format", boolean, group=_SPEED)
+    compile: bool = setting(False, "torch.compile each module", boolean, group=_SPEED)
+    cuda_graphs: bool = setting(False, "replay each training step from a CUDA graph (GPU, fixed batch shape)",
+                                boolean, group=_SPEED)
+    overlap: bool = setting(False, "schedule 'once': window j after module j+1's forward; on a GPU the heads "
+                            "run on a second CUDA stream", boolean, group=_SPEED)
+    seed: int = setting(0, "seed of every random number generator", integer(0), group=_SPEED, resume=True)
+    deterministic: bool = setting(False, "torch.use_deterministic_algorithms (bitwise-repeatable runs, slower)",
+                                  boolean, group=_SPEED)
+    workers: int = setting(_default_workers(), "DataLoader worker processes", integer(0), group=_SPEED)
+    device: str = setting("auto", "auto (default), cpu, cuda, cuda:N", text(), group=_SPEED)
+    max_steps_per_epoch: int | None = setting(None, "cap on batches per epoch (short runs)",
+                                              integer(1, optional=True), group=_SPEED, resume=True)
+    out: str | None = setting(None, "run folder (default runs/<dataset>-<arch>-<method>-K<K>)",
+                              text(optional=True), group="output")
 
     def validate(self) -> TrainConfig:
-        """Raise ValueError naming the first bad setting; return self."""
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset: unknown {self.dataset!r}; choose one of {', '.join(DATASETS)}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"amp: unknown {self.amp!r}; choose one of {', '.join(AMP_MODES)}")
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe: unknown {self.recipe!r}; choose one of {', '.join(RECIPES)}")
-        for name in ("epochs", "batch_size", "K"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            raise ValueError(f"warmup_epochs: must be in [0, epochs={self.epochs}], got {self.warmup_epochs} "
+        """Check every setting (ValueError/TypeError naming the first bad one), canonicalise; return self."""
+        for name, value in settings.check_all(self).items():
+            setattr(self, name, value)
+        self.options = check_options(self.options)
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs: must be in [0, epochs={self.epochs}], got {self.warmup_epochs:g} "
                              "(pass --warmup-epochs with --epochs)")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
-        if self.workers < 0:
-            raise ValueError(f"workers: must be >= 0, got {self.workers}")
         if self.cuda_graphs and self.compile:
             raise ValueError("cuda_graphs and compile: choose one (--cuda-graphs replays the whole step; "
                              "--compile compiles each module)")
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
-            raise ValueError(f"max_steps_per_epoch: must be >= 1, got {self.max_steps_per_epoch}")
         return self
 
     def model_kwargs(self) -> dict:
-        """Keyword options for ``build_model`` (only those set, plus ``ema_decay``)."""
-        kw = {k: getattr(self, k) for k in MODEL_OPTION_KEYS if getattr(self, k) is not None}
-        kw["ema_decay"] = self.ema_decay
-        kw.update(self.model_options)
-        return kw
+        """Keyword options for ``build_model``: the ones set explicitly."""
+        return dict(self.options)
+
+    def local_options(self) -> LocalOptions:
+        """The model options this run uses (explicit ones over the model's defaults, span unresolved)."""
+        return LocalOptions(**self.options)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> TrainConfig:
+        """A checked TrainConfig from a mapping (a YAML file, a checkpoint); model options may also sit at
+        the top level (older configs kept them there)."""
+        return cls(**_fold_options(values, where)).validate()
+
+
+# Keys of configs written before the model options were one group; None meant "the model's default".
+_LEGACY_KEYS = ("model_options",)
+
+
+def _fold_options(values: dict, where: str) -> dict:
+    """``values`` with top-level model options (and the older ``model_options``) moved into ``options``."""
+    values = dict(values)
+    options = settings.mapping("options", values.pop("options", None) or {})
+    for key in _LEGACY_KEYS:
+        options.update(settings.mapping(key, values.pop(key, None) or {}))
+    for name in OPTION_NAMES:
+        if name in values:
+            value = values.pop(name)
+            if value is not None:
+                options.setdefault(name, value)
+    settings.unknown_keys(TrainConfig, values, where)
+    return {**values, "options": options}
+
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+RESUME_KEYS = tuple(f.name for f in settings.fields(TrainConfig) if f.metadata["resume"])
 
 
 def recipe_values(dataset: str, recipe: str | None = None) -> dict:
@@ -147,18 +179,18 @@ def recipe_values(dataset: str, recipe: str | None = None) -> dict:
 
 def resolve_config(explicit: dict, config_file: str | Path | None = None,
                    base: dict | None = None) -> TrainConfig:
-    """Resolve a config: defaults < recipe (or ``base``) < YAML file < ``explicit`` (flags given)."""
-    from_file = load_yaml(config_file) if config_file else {}
-    for source, values in (("--config file", from_file), ("flags", explicit)):
-        unknown = sorted(set(values) - FIELDS)
-        if unknown:
-            raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+    """Resolve a config: defaults < recipe (or ``base``, a resumed run's config) < YAML file < ``explicit``."""
+    from_file = _checked(load_yaml(config_file), f"--config {config_file}") if config_file else {}
+    explicit = _checked(explicit, None)
     if base is None:
         dataset = explicit.get("dataset", from_file.get("dataset", TrainConfig.dataset))
         recipe = explicit.get("recipe", from_file.get("recipe"))
         base = recipe_values(dataset, recipe)
-    values = {**base, **from_file, **explicit}
+    else:
+        base = _checked(base, "the checkpoint's config")
     given = {**from_file, **explicit}
+    options = {**base.get("options", {}), **from_file.get("options", {}), **explicit.get("options", {})}
+    values = {**base, **given, "options": options}
     if "warmup_epochs" not in given and "epochs" in given and values["warmup_epochs"] > values["epochs"]:
         # a shortened run keeps the recipe's warm-up fraction (paper: 10 of 400 epochs)
         values["warmup_epochs"] = values["epochs"] * base["warmup_epochs"] / base["epochs"]
@@ -166,9 +198,22 @@ def resolve_config(explicit: dict, config_file: str | Path | None = None,
         values["lr"] = 0.05 * values["batch_size"] / 128  # the ImageNet recipe scales lr with the batch
     if values["method"] == "e2e" and "K" not in given:
         values["K"] = 1  # end-to-end backprop is one module
-    if "model_options" in explicit and "model_options" in from_file:
-        values["model_options"] = {**from_file["model_options"], **explicit["model_options"]}
     return TrainConfig(**values).validate()
+
+
+def _checked(values: dict, where: str | None) -> dict:
+    """Settings from one source, each checked; errors name the source ``where`` and the setting, or
+    for the command line (``where`` None) the flag."""
+    label = settings.flag_name if where is None else (lambda name: name)
+    try:
+        values = _fold_options(values, where or "command line")
+        out = {k: settings.check_value(TrainConfig, k, v, label(k)) for k, v in values.items() if k != "options"}
+        out["options"] = check_options(values["options"], label)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(str(exc) if where is None else f"{where}: {exc}") from None
+    if not out["options"]:
+        del out["options"]
+    return out
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -192,6 +237,6 @@ def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
 def format_config(cfg: TrainConfig) -> str:
     """The resolved config as aligned ``key: value`` lines (printed at start-up)."""
     d = cfg.to_dict()
+    d["options"] = ", ".join(f"{k}={v}" for k, v in cfg.options.items()) or "(the model's defaults)"
     width = max(map(len, d))
-    return "\n".join(f"  {k:<{width}}  {'(model default)' if v is None and k in MODEL_OPTION_KEYS else v}"
-                     for k, v in d.items())
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in d.items())

@@ -16,11 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlaan_fast.models.graphed_step import GraphedLocalStep
-from mlaan_fast.train import checkpoint as ckpt
-from mlaan_fast.train.config import TrainConfig, format_config, save_yaml
-from mlaan_fast.train.data import build_datasets, build_loaders, check_labels, steps_per_epoch
-from mlaan_fast.train.distributed import (
+from mlaan_fast.runtime import make_step
+from mlaan_fast.runtime.distributed import (
     allreduce_gradients,
     broadcast_state,
     close_distributed,
@@ -28,6 +25,9 @@ from mlaan_fast.train.distributed import (
     max_across,
     sum_across,
 )
+from mlaan_fast.train import checkpoint as ckpt
+from mlaan_fast.train.config import TrainConfig, format_config, save_yaml
+from mlaan_fast.train.data import build_datasets, build_loaders, check_labels, steps_per_epoch
 from mlaan_fast.train.metrics import MetricsLog, format_bytes, summarize, write_summary
 
 
@@ -113,10 +113,10 @@ def _to_device(images, targets, device, channels_last: bool, num_classes: int):
     return (images.to(device, non_blocking=True, memory_format=fmt), targets.to(device, non_blocking=True))
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, dinfo, epoch, steps,
-                    num_classes, show_progress: bool = True, graphed=None):
-    """Train ``steps`` batches (through ``graphed``, a GraphedLocalStep, when given); returns a dict of
-    epoch statistics (global over ranks)."""
+def train_one_epoch(model, step_fn, loader, optimizer, scheduler, scaler, cfg, device, dinfo, epoch, steps,
+                    num_classes, show_progress: bool = True):
+    """Train ``steps`` batches, each through ``step_fn`` (a runtime LocalStep or GraphedLocalStep);
+    returns a dict of epoch statistics (global over ranks)."""
     from tqdm import tqdm
 
     model.train()
@@ -134,14 +134,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, di
             break
         images, targets = _to_device(images, targets, device, cfg.channels_last, num_classes)
         optimizer.zero_grad(set_to_none=True)
-        if graphed is not None:
-            out = graphed(images, targets, grad_scaler=scaler)
-        else:
-            meter = _activation_meter(model) if step == 0 and device.type == "cpu" and not cfg.compile else None
-            with meter or nullcontext(), autocast(device, cfg.amp):
-                out = model.local_step(images, targets, grad_scaler=scaler)
-            if meter is not None:
-                meter_peak = meter.peak_bytes
+        meter = _activation_meter(model) if step == 0 and device.type == "cpu" and not cfg.compile else None
+        with meter or nullcontext():
+            out = step_fn(images, targets, grad_scaler=scaler)
+        if meter is not None:
+            meter_peak = meter.peak_bytes
         allreduce_gradients(params, dinfo.world)
         if scaler is not None:
             scaler.step(optimizer)
@@ -251,12 +248,11 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
         broadcast_state(model)
         if cfg.compile:
             model.compile_modules()
-        model.set_target_checks(False)  # every batch's labels are checked on the host (_to_device)
-        graphed = None
-        if cfg.cuda_graphs:
-            if device.type != "cuda":
-                raise ValueError(f"cuda_graphs: CUDA graphs need a CUDA device, this run uses {device}")
-            graphed = GraphedLocalStep(model, amp_dtype=AMP_DTYPES[cfg.amp])
+        if cfg.cuda_graphs and device.type != "cuda":
+            raise ValueError(f"cuda_graphs: CUDA graphs need a CUDA device, this run uses {device}")
+        # Every batch's labels are checked on the host (_to_device): the fused heads need not sync.
+        step_fn = make_step(model, overlap=cfg.overlap, amp_dtype=AMP_DTYPES[cfg.amp], check_targets=False,
+                            cuda_graphs=cfg.cuda_graphs)
         run_dir = choose_run_dir(cfg, resume)
         if state is None and (run_dir / "last.pt").exists():
             raise FileExistsError(f"{run_dir} already holds a run (last.pt); continue it with --resume "
@@ -288,8 +284,8 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
 
         for epoch in range(start_epoch, cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)):
             sampler.set_epoch(epoch)
-            stats = train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, dist_info,
-                                    epoch, steps, info.num_classes, show_progress=verbose, graphed=graphed)
+            stats = train_one_epoch(model, step_fn, loader, optimizer, scheduler, scaler, cfg, device, dist_info,
+                                    epoch, steps, info.num_classes, show_progress=verbose)
             broadcast_state(model, buffers_only=True)  # BatchNorm statistics of rank 0, as DDP does
             test_loss, test_acc = evaluate(model, test_loader, device, cfg.amp, cfg.channels_last,
                                            info.num_classes)

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from mlaan_fast.runtime.step import check_overlap
+from mlaan_fast.runtime.streams import side_stream
+
 
 @dataclass
 class _Graph:
@@ -35,12 +38,14 @@ class GraphedLocalStep:
     """Callable like ``model.local_step(images, targets, grad_scaler)`` on CUDA, replaying a CUDA graph.
 
     ``amp_dtype``: None (fp32), torch.bfloat16 or torch.float16 (autocast inside the graph; call
-    this outside any autocast). The first ``warmup`` calls of a new batch shape run eagerly (cuDNN
+    this outside any autocast). ``overlap``: as for :class:`LocalStep` (the heads' stream becomes a
+    parallel branch of the graph). The first ``warmup`` calls of a new batch shape run eagerly (cuDNN
     and cuBLAS initialise lazily, optimizer state appears); the next one is captured and replayed.
     At most ``max_graphs`` shapes get a graph (e.g. full and last partial batch); others run eagerly.
     """
 
-    def __init__(self, model, *, amp_dtype: torch.dtype | None = None, warmup: int = 2, max_graphs: int = 2):
+    def __init__(self, model, *, amp_dtype: torch.dtype | None = None, warmup: int = 2, max_graphs: int = 2,
+                 overlap: bool = False):
         if not torch.cuda.is_available():
             raise RuntimeError("GraphedLocalStep: CUDA graphs need a CUDA device; none is available")
         if amp_dtype not in (None, torch.bfloat16, torch.float16):
@@ -48,6 +53,7 @@ class GraphedLocalStep:
         if warmup < 1:
             raise ValueError(f"GraphedLocalStep: warmup must be >= 1, got {warmup}")
         self.model, self.amp_dtype, self.warmup, self.max_graphs = model, amp_dtype, warmup, max_graphs
+        self.overlap = check_overlap(model, overlap)
         self._graphs: dict[tuple, _Graph] = {}
         self._calls: dict[tuple, int] = {}
         self._pool = None  # one memory pool for every graph: they are replayed one after another
@@ -85,17 +91,21 @@ class GraphedLocalStep:
         return torch.autocast("cuda", dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None,
                               cache_enabled=False)
 
-    def _side(self) -> torch.cuda.Stream:
+    def _local_step(self, images, targets, grad_scaler) -> dict:
+        heads = side_stream(images.device) if self.overlap else None
+        return self.model.local_step(images, targets, grad_scaler, overlap=self.overlap, side_stream=heads)
+
+    def _capture_stream(self) -> torch.cuda.Stream:
         if self._stream is None:
             self._stream = torch.cuda.Stream()
         return self._stream
 
     def _eager(self, images, targets, grad_scaler) -> dict:
         # On a side stream, as capture will be: lazily created per-stream state exists before capture.
-        side, main = self._side(), torch.cuda.current_stream()
+        side, main = self._capture_stream(), torch.cuda.current_stream()
         side.wait_stream(main)
         with torch.cuda.stream(side), self._autocast():
-            out = self.model.local_step(images, targets, grad_scaler=grad_scaler)
+            out = self._local_step(images, targets, grad_scaler)
         main.wait_stream(side)
         return out
 
@@ -108,9 +118,9 @@ class GraphedLocalStep:
         torch.cuda.synchronize()
         try:
             # thread_local: a DataLoader's pin-memory thread may call CUDA while we capture.
-            with torch.cuda.graph(graph, pool=self._pool, stream=self._side(), capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream(), capture_error_mode="thread_local"):
                 with self._autocast():
-                    out = self.model.local_step(static_images, static_targets, grad_scaler=grad_scaler)
+                    out = self._local_step(static_images, static_targets, grad_scaler)
         except RuntimeError as exc:
             raise RuntimeError("GraphedLocalStep: the step could not be captured in a CUDA graph (something in it "
                                f"synchronises with the host or changes shape); run without CUDA graphs. Cause: {exc}"

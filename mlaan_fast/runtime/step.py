@@ -1,0 +1,57 @@
+"""What runs one training iteration on a device: the model's schedule with the runtime's switches."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from mlaan_fast.runtime.streams import side_stream
+from mlaan_fast.settings import boolean
+
+AMP_DTYPES = (None, torch.bfloat16, torch.float16)
+
+
+def check_overlap(model, overlap) -> bool:
+    """``overlap`` as a bool; ValueError unless the model's schedule is ``once``."""
+    overlap = boolean("overlap", overlap)
+    if overlap and model.options.schedule != "once":
+        raise ValueError("overlap needs schedule='once' (the straightforward schedule runs window by window)")
+    return overlap
+
+
+class LocalStep:
+    """Callable ``(images, targets, grad_scaler=None) -> dict`` running ``model.local_step`` with:
+
+    ``overlap`` (schedule ``once``: window j after module j+1's forward, and on a GPU the heads on a
+    second CUDA stream), autocast to ``amp_dtype`` (None: fp32), and ``check_targets`` (False where
+    the caller validated the labels on the host: the fused heads then never sync to check them)."""
+
+    def __init__(self, model, *, overlap: bool = False, amp_dtype: torch.dtype | None = None,
+                 check_targets: bool = True):
+        if amp_dtype not in AMP_DTYPES:
+            raise ValueError(f"LocalStep: amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype}")
+        self.model, self.amp_dtype = model, amp_dtype
+        self.overlap = check_overlap(model, overlap)
+        self.check_targets = boolean("check_targets", check_targets)
+        model.set_target_checks(self.check_targets)
+
+    def _autocast(self, device: torch.device):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=self.amp_dtype)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None) -> dict:
+        """images [B,3,H,W], int64 targets [B] on the model's device -> local_step's dict (gradients in .grad)."""
+        side = side_stream(images.device) if self.overlap and images.is_cuda else None
+        with self._autocast(images.device):
+            return self.model.local_step(images, targets, grad_scaler, overlap=self.overlap, side_stream=side)
+
+
+def make_step(model, *, overlap: bool = False, amp_dtype: torch.dtype | None = None, check_targets: bool = True,
+              cuda_graphs: bool = False):
+    """A :class:`LocalStep`, or with ``cuda_graphs`` a :class:`GraphedLocalStep` (CUDA only) with the same switches."""
+    if cuda_graphs:
+        from mlaan_fast.runtime.graphed import GraphedLocalStep
+
+        return GraphedLocalStep(model, amp_dtype=amp_dtype, overlap=overlap)
+    return LocalStep(model, overlap=overlap, amp_dtype=amp_dtype, check_targets=check_targets)
