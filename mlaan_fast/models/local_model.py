@@ -144,6 +144,16 @@ class LocalModel(nn.Module):
         aux = itertools.chain(self.ind_heads.parameters(), self.casc_heads.parameters(), self.lams.parameters())
         return (p for p in aux if p.requires_grad)
 
+    def window_modules(self, j: int) -> list[nn.Module]:
+        """The auxiliary modules of module j's window: its heads and LAM (the final classifier for the last)."""
+        if j == self.num_modules - 1:
+            return [self.fc]
+        return [group[str(j)] for group in (self.ind_heads, self.casc_heads, self.lams) if str(j) in group]
+
+    def window_parameters(self, j: int) -> list[nn.Parameter]:
+        """Trainable parameters of :meth:`window_modules` (frozen EMA shadows excluded)."""
+        return [p for m in self.window_modules(j) for p in m.parameters() if p.requires_grad]
+
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         """Every trainable parameter (frozen EMA shadows excluded)."""
         return (p for p in super().parameters(recurse) if p.requires_grad)

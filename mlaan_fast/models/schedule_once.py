@@ -26,6 +26,7 @@ branches). The gradients are the same; the saved-activation peak grows by at mos
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -43,66 +44,83 @@ def _reach(windows, num_modules: int) -> tuple[list[int], list[bool]]:
     return done_at, passes
 
 
+@dataclass
+class Stream:
+    """A cotangent at o_m (the output of module ``at``) of window ``window``'s term that stops at ``start``."""
+
+    window: int
+    start: int
+    at: int
+    cotangent: torch.Tensor
+
+
 def once(model, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None, *, overlap: bool = False,
          side_stream: torch.cuda.Stream | None = None) -> dict:
     """Forward each module once, back-propagate every window's objective exactly as far as it reaches.
 
     ``overlap``: window j after module j+1's forward (same maths); ``side_stream`` (CUDA batches,
     with ``overlap``): the stream that runs the heads."""
-    modules = model.local_modules
-    windows = {w.index: w for w in model.windows}
-    done_at, passes = _reach(model.windows, len(modules))
     if side_stream is not None and not (overlap and images.is_cuda):
         raise ValueError("schedule 'once': side_stream needs overlap=True and a batch on a CUDA device")
-    step = _Step(model, images, targets, grad_scaler, done_at, side_stream)
-    defer = overlap
-    h, behind = images, None  # behind: (j, o_j, ready) of the window deferred until module j+1 is queued
+    step = OnceStep(model, images, targets, grad_scaler, side_stream=side_stream)
+    windows = {w.index: w for w in model.windows}
+    h, behind = images, None  # behind: (window, o_j, ready) of the window deferred until module j+1 is queued
     with torch.enable_grad():
-        for j, module in enumerate(modules):
-            z = h.detach().requires_grad_(passes[j]) if j > 0 else h
-            with torch.set_grad_enabled(done_at[j] >= 0):
-                h = module(z)
-            if done_at[j] >= 0:
-                step.graphs[j] = (z, h)
-            ready = step.mark() if defer and j in windows else None  # o_j done, before module j+1
+        for j in range(model.num_modules):
+            h = step.forward(j, h)
+            ready = step.mark() if overlap and j in windows else None  # o_j done, before module j+1
             if behind is not None:
                 step.window(*behind)
                 behind = None
             if j in windows:
-                if defer:
+                if overlap:
                     behind = (windows[j], h, ready)
                 else:
                     step.window(windows[j], h)
         if behind is not None:
             step.window(*behind)
         step.join()
-    if step.graphs:  # cannot happen for windows built by make_windows; guards hand-made window lists
-        raise RuntimeError(f"schedule 'once': modules {sorted(step.graphs)} kept a graph past their last window")
-    return {
-        "loss": torch.stack(step.module_losses).sum(),
-        "module_losses": step.module_losses,
-        "logits": None if step.logits is None else step.logits.detach(),
-    }
+    return step.result()
 
 
-class _Step:
-    """State of one iteration: the kept module graphs, the pending cotangents and the losses.
+class OnceStep:
+    """One iteration (one batch) of the forward-once schedule over the modules ``first..last``: the kept
+    module graphs, the pending cotangents and the losses.
 
-    With a side stream (``overlap``), the loop above queues module j+1's forward before window j,
-    and window j's heads (forward and backward) run on the side stream, so they overlap with
-    module work on the main stream; each cotangent crosses back with an explicit wait (autograd
-    takes the calling stream as the producer of ``grad_outputs``) and ``record_stream`` (it was
-    allocated on the side stream but is read on the main one).
+    ``forward(m, x)`` runs module m once; ``window(w, o_j)`` back-propagates both terms of window w
+    and ``receive(streams)`` continues streams that arrive at o_last from modules above ``last``.
+    Streams that must go on below ``first`` come back from both as :class:`Stream` objects (a
+    module pipeline sends them to the stage that holds module first-1); with the whole model in
+    range there are none. ``on_grads_ready(params)`` is called once the gradients of ``params``
+    (a module's, or a window's heads and LAM) are complete for this batch.
+
+    With a side stream (``overlap``), window j's heads (forward and backward) run on the side
+    stream, so they overlap with module work on the main stream; each cotangent crosses back with
+    an explicit wait (autograd takes the calling stream as the producer of ``grad_outputs``) and
+    ``record_stream`` (it was allocated on the side stream but is read on the main one).
     """
 
-    def __init__(self, model, images, targets, grad_scaler, done_at, side):
+    def __init__(self, model, images, targets, grad_scaler=None, *, first: int = 0, last: int | None = None,
+                 side_stream=None, on_grads_ready=None):
         self.model, self.images, self.targets, self.grad_scaler = model, images, targets, grad_scaler
-        self.done_at, self.side = done_at, side
-        self.main = torch.cuda.current_stream(images.device) if side is not None else None
+        self.first, self.last = first, model.num_modules - 1 if last is None else last
+        self.done_at, self.passes = _reach(model.windows, model.num_modules)
+        self.side = side_stream
+        self.main = torch.cuda.current_stream(images.device) if side_stream is not None else None
+        self.on_grads_ready = on_grads_ready
         self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # m -> (input leaf, output)
         self.pending: dict[int, torch.Tensor] = {}  # m -> sum of the cotangents that reached o_m so far
         self.module_losses = [images.new_zeros((), dtype=torch.float32) for _ in model.local_modules]
         self.logits = None
+
+    def forward(self, m: int, x: torch.Tensor) -> torch.Tensor:
+        """o_m = module m on stopgrad(x) (x itself for the images); its graph is kept while windows need it."""
+        z = x.detach().requires_grad_(self.passes[m]) if m > 0 else x
+        with torch.set_grad_enabled(self.done_at[m] >= 0):
+            h = self.model.local_modules[m](z)
+        if self.done_at[m] >= 0:
+            self.graphs[m] = (z, h)
+        return h
 
     def mark(self):
         """An event on the main stream at this point (None without a side stream)."""
@@ -112,7 +130,7 @@ class _Step:
         event.record(self.main)
         return event
 
-    def window(self, window, h, ready=None) -> None:
+    def window(self, window, h, ready=None) -> list[Stream]:
         """Both objective terms of ``window`` on its output h = o_j, each stream carried down at once.
         ``ready``: the event after o_j's forward (the side stream must not also wait for module j+1).
 
@@ -128,7 +146,7 @@ class _Step:
             self.side.wait_event(ready)
         elif self.side is not None:
             self.side.wait_stream(self.main)  # o_j (and everything before it) is ready
-        objective = 0.0
+        objective, below = 0.0, []
         for n, (start, weight, loss_fn) in enumerate(terms):
             with torch.cuda.stream(self.side) if self.side is not None else nullcontext():
                 leaf = h.detach().requires_grad_()
@@ -144,26 +162,50 @@ class _Step:
             if self.side is not None:
                 self.main.wait_stream(self.side)
                 cotangent.record_stream(self.main)
-            _propagate(model.local_modules, self.graphs, self.pending, start, cotangent, j, self.done_at,
-                       last_term=n + 1 == len(terms))
+            below += self._propagate(Stream(j, start, j, cotangent), last_term=n + 1 == len(terms))
         self.module_losses[j] = objective
+        if self.on_grads_ready is not None:
+            self.on_grads_ready(model.window_parameters(j))
+        return below
+
+    def receive(self, streams: list[Stream]) -> list[Stream]:
+        """Continue streams that arrived at o_last from above; -> those that go on below ``first``."""
+        below = []
+        for stream in streams:
+            below += self._propagate(stream, last_term=True)
+        return below
+
+    def _propagate(self, stream: Stream, last_term: bool) -> list[Stream]:
+        """Carry one stream down through modules at, at-1, ..., max(start, first); finish each module
+        whose last stream has arrived with one parameter backward, which also frees its graph (module j
+        itself only after its window's last term). -> [the stream at o_{first-1}] if it goes on below."""
+        j, cotangent = stream.window, stream.cotangent
+        for m in range(stream.at, max(stream.start, self.first) - 1, -1):
+            z, out = self.graphs[m]
+            self.pending[m] = cotangent if m not in self.pending else self.pending[m] + cotangent
+            if m > stream.start:  # input-only VJP; the graph stays for the parameter backward
+                (cotangent,) = torch.autograd.grad(out, z, grad_outputs=cotangent, retain_graph=True)
+            if self.done_at[m] == j and (m < j or last_term):
+                params = [p for p in self.model.local_modules[m].parameters() if p.requires_grad]
+                torch.autograd.backward(out, grad_tensors=self.pending.pop(m), inputs=params)
+                del self.graphs[m]
+                if self.on_grads_ready is not None:
+                    self.on_grads_ready(params)
+        if stream.start < self.first:
+            return [Stream(j, stream.start, self.first - 1, cotangent)]
+        return []
 
     def join(self) -> None:
         """Make the main stream wait for the side stream's last head (losses, head gradients)."""
         if self.side is not None:
             self.main.wait_stream(self.side)
 
-
-def _propagate(modules, graphs, pending, start, cotangent, j, done_at, last_term) -> None:
-    """Carry one stream (a cotangent at o_j that stops at module ``start``) down through modules
-    j, j-1, ..., start; finish each module whose last stream has arrived with one parameter
-    backward, which also frees its graph (module j itself only after the window's last term)."""
-    for m in range(j, start - 1, -1):
-        z, out = graphs[m]
-        pending[m] = cotangent if m not in pending else pending[m] + cotangent
-        if m > start:  # input-only VJP; the graph stays for the parameter backward
-            (cotangent,) = torch.autograd.grad(out, z, grad_outputs=cotangent, retain_graph=True)
-        if done_at[m] == j and (m < j or last_term):
-            params = [p for p in modules[m].parameters() if p.requires_grad]
-            torch.autograd.backward(out, grad_tensors=pending.pop(m), inputs=params)
-            del graphs[m]
+    def result(self) -> dict:
+        """local_step's dict: total loss, per-module losses and the final logits (detached)."""
+        if self.graphs:  # cannot happen for windows built by make_windows; guards hand-made window lists
+            raise RuntimeError(f"schedule 'once': modules {sorted(self.graphs)} kept a graph past their last window")
+        return {
+            "loss": torch.stack(self.module_losses).sum(),
+            "module_losses": self.module_losses,
+            "logits": None if self.logits is None else self.logits.detach(),
+        }
