@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -76,6 +77,7 @@ class LocalModel(nn.Module):
                 self.casc_heads[str(w.index)] = make_head(spec.head, cascade_width, num_classes,
                                                           module_index=w.index, **head)
         self.check_targets = True  # see set_target_checks
+        self._register_load_state_dict_pre_hook(_drop_shadow_statistics)
         self.shadow_bank = self.frozen_shadow_bank = None
         self.shadow_positions: list = []  # live block (stage, block) that shadow i follows
         if self.use_lam:
@@ -122,7 +124,7 @@ class LocalModel(nn.Module):
                 keys.append(key)
         positions = [k if share else self.lam_blocks[k][0] for k in keys]
         index = {j: keys.index(self.lam_blocks[j][0] if share else j) for j in js}
-        return EMAShadow([backbone.block(p) for p in positions], decay), index, positions
+        return lam_shadow_bank([backbone.block(p) for p in positions], decay), index, positions
 
     # ------------------------------------------------------------------ structure
     @property
@@ -134,6 +136,13 @@ class LocalModel(nn.Module):
         if position not in self._live_blocks:
             raise ValueError(f"live_block: no block at {position}; the backbone has {list(self._live_blocks)[-1]} last")
         return self._live_blocks[position]
+
+    def module_of(self, position: tuple[int, int]) -> int:
+        """The index of the module that holds the live block at (stage, block)."""
+        order = list(self._live_blocks)
+        if position not in self._live_blocks:
+            raise ValueError(f"module_of: no block at {position}; the backbone has {order[-1]} last")
+        return next(m for m, end in enumerate(self.module_ends) if order.index(end) >= order.index(position))
 
     def inference_parameters(self) -> Iterator[nn.Parameter]:
         """Backbone modules + final classifier: what inference uses."""
@@ -219,6 +228,28 @@ class LocalModel(nn.Module):
         """Wrap each backbone module's forward in torch.compile(**kwargs) (module hooks stay outside)."""
         for module in self.local_modules:
             module.forward = torch.compile(module.forward, **kwargs)
+
+
+def lam_shadow_bank(live_blocks: list[nn.Module], decay: float) -> EMAShadow:
+    """EMA shadows of ``live_blocks`` for LAMs, whose BatchNorm layers keep no running statistics:
+    LAMs only ever run in training mode, where BatchNorm normalises by the batch's own statistics,
+    so those would be state nothing reads (and LAMs that share a shadow on different pipeline
+    stages would update them differently)."""
+    bank = EMAShadow(live_blocks, decay)
+    for bn in bank.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            bn.track_running_stats = False
+            bn.running_mean = bn.running_var = bn.num_batches_tracked = None
+    return bank
+
+
+_SHADOW_STATISTICS = re.compile(r"(frozen_)?shadow_bank\.shadows\.\d+\..*(running_mean|running_var|num_batches_tracked)$")
+
+
+def _drop_shadow_statistics(state_dict, prefix, *_args) -> None:
+    """Load hook: checkpoints written before shadows dropped their BatchNorm statistics still load."""
+    for key in [k for k in state_dict if k.startswith(prefix) and _SHADOW_STATISTICS.match(k[len(prefix):])]:
+        del state_dict[key]
 
 
 def build_model(arch: str, num_classes: int = 10, K: int | None = None, method: str = "mlaan",

@@ -101,10 +101,12 @@ class OnceStep:
     """
 
     def __init__(self, model, images, targets, grad_scaler=None, *, first: int = 0, last: int | None = None,
-                 side_stream=None, on_grads_ready=None):
+                 windows=None, side_stream=None, on_grads_ready=None):
         self.model, self.images, self.targets, self.grad_scaler = model, images, targets, grad_scaler
         self.first, self.last = first, model.num_modules - 1 if last is None else last
-        self.done_at, self.passes = _reach(model.windows, model.num_modules)
+        # ``windows``: the windows whose streams this step carries (default all), which decides when a
+        # module's gradient is complete and whether its input needs one.
+        self.done_at, self.passes = _reach(model.windows if windows is None else windows, model.num_modules)
         self.side = side_stream
         self.main = torch.cuda.current_stream(images.device) if side_stream is not None else None
         self.on_grads_ready = on_grads_ready
