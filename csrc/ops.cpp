@@ -1,14 +1,11 @@
-// Operator schemas of the mlaan_fast namespace and the Python module entry point.
-// Kernels register per backend: EMA in csrc/ema_cpu.cpp (CPU) and kernels/ema.cu (CUDA); the
-// auxiliary-head loss in csrc/aux_head_ops.cpp (both).
+// Operator schemas of the auxiliary-head loss and the Python module entry point. Its kernels
+// register per backend in csrc/aux_head_ops.cpp; the EMA op lives in csrc/ema/.
 #include <Python.h>
 #include <torch/library.h>
 
 #include <exception>
 
 TORCH_LIBRARY(mlaan_fast, m) {
-  // shadow[i] <- decay * shadow[i] + (1 - decay) * live[i], in place, for every i.
-  m.def("ema_update_(Tensor(a!)[] shadow, Tensor[] live, float decay) -> ()");
   // --- aux_head_loss schemas (GAP -> Linear -> softmax cross-entropy), kernels in aux_head_ops.cpp ---
   // Per sample b: pooled = mean_hw(features[b]), logits = weight @ pooled + bias, lse = logsumexp,
   // losses[b] = cross-entropy with label smoothing. Outputs in float32 (float64 if an input is).
