@@ -93,7 +93,10 @@ def nvidia_wheel_includes():
     return [d for d in found if os.path.isdir(d)]
 
 
-cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+# Layout (README, "Fused operators"): csrc/<op>/ and csrc/common/ hold the C++ (g++), kernels/ the
+# CUDA device code (nvcc); includes are relative to csrc/ and kernels/.
+cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")]
 cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard comes from torch (C++17 or C++20)
 define_macros = []
 if WITH_CUDA:
@@ -102,8 +105,8 @@ if WITH_CUDA:
     define_macros.append(("MLAAN_FAST_WITH_CUDA", "1"))
     ext = CUDAExtension(
         "mlaan_fast._C",
-        sources=cpp_sources + sorted(glob.glob("kernels/*.cu")),
-        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")],
+        sources=cpp_sources + sorted(glob.glob("kernels/**/*.cu", recursive=True)),
+        include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={
             "cxx": cxx_flags + after_includes,
@@ -116,7 +119,7 @@ else:
     ext = CppExtension(
         "mlaan_fast._C",
         sources=cpp_sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-fopenmp"],

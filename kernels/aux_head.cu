@@ -3,7 +3,7 @@
 // Backward: one block per sample for d(features); for d(weight), d(bias) a tiled kernel over
 // batch splits plus an in-order sum of the splits (deterministic, no atomics).
 // Kernels and their launchers only: all checks, allocation and errors live in the g++-compiled
-// host code (csrc/aux_head_cuda.cpp); nothing here throws.
+// host code (csrc/aux_head/aux_head_cuda.cpp); nothing here throws.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>

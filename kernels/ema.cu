@@ -1,48 +1,18 @@
-// Multi-tensor EMA update on CUDA: shadow[i] <- decay * shadow[i] + (1 - decay) * live[i] for any
-// number of tensors in ONE launch. The host writes a table (one entry per tensor, one
-// (tensor, chunk) pair per block) into pinned memory and ships it with a single async copy on
-// the current stream; block b then updates chunk chunks[b].chunk of tensor chunks[b].tensor.
-// A single pair (the flat-buffer form) travels in the kernel arguments instead: no copy at all.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+// Multi-tensor EMA update on CUDA: shadow <- decay * shadow + (1 - decay) * live for any number of
+// tensors in ONE launch. Block b updates one chunk of one tensor, found through the table of
+// (tensor, chunk) pairs that the host half (csrc/ema/ema_cuda.cpp) built with the multi-tensor
+// engine and shipped to the device; a single tensor (the flat-buffer form) needs no table at all.
+// Kernel and launcher only: nothing here throws.
 #include <cuda_fp16.h>
-#include <torch/library.h>
+#include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <limits>
-#include <vector>
 
-namespace mlaan_fast {
+#include "ema_launch.h"
 
-// Defined in csrc/ema_cpu.cpp: the input checks shared with the CPU kernel.
-void ema_check_inputs(const at::TensorList shadow, const at::TensorList live, double decay);
-
+namespace mlaan_fast::ema::launch {
 namespace {
-
-enum LiveType : int32_t { kLiveF32 = 0, kLiveBF16 = 1, kLiveF16 = 2 };
-
-struct EmaEntry {
-  float* shadow;
-  const void* live;
-  int64_t numel;
-  int32_t live_type;
-  int32_t aligned;  // both pointers allow 16-byte shadow / 4-element live vector accesses
-};
-static_assert(sizeof(EmaEntry) == 32, "EmaEntry is shipped as raw bytes");
-
-struct ChunkRef {
-  int32_t tensor;
-  int32_t chunk;
-};
-
-constexpr int kThreads = 256;
-constexpr int kVec = 4;     // elements per vector access: 16 bytes of fp32 shadow
-constexpr int kUnroll = 4;  // independent vector accesses in flight per thread
-constexpr int64_t kChunk = int64_t(kThreads) * kVec * kUnroll;
 
 struct Weights {
   float w;       // 1 - decay
@@ -110,95 +80,30 @@ __device__ __forceinline__ void ema_chunk(float* __restrict__ s, const live_t* _
 }
 
 // chunks == nullptr: one tensor, passed by value in `single`, and block b updates its chunk b.
-__global__ void __launch_bounds__(kThreads) _ema_kernel(const EmaEntry* __restrict__ entries,
-                                                        const ChunkRef* __restrict__ chunks, EmaEntry single,
+__global__ void __launch_bounds__(kThreads) _ema_kernel(const Entry* __restrict__ entries,
+                                                        const ChunkRef* __restrict__ chunks, Entry single,
                                                         Weights k) {
   const bool from_table = chunks != nullptr;
   const ChunkRef c = from_table ? chunks[blockIdx.x] : ChunkRef{0, int32_t(blockIdx.x)};
-  const EmaEntry e = from_table ? entries[c.tensor] : single;
+  const Entry e = from_table ? entries[c.tensor] : single;
   const int64_t begin = int64_t(c.chunk) * kChunk;
   const int64_t n = min(kChunk, e.numel - begin);
   float* s = e.shadow + begin;
   const bool aligned = e.aligned != 0;
   switch (e.live_type) {
-    case kLiveF32: ema_chunk(s, static_cast<const float*>(e.live) + begin, n, aligned, k); break;
-    case kLiveBF16: ema_chunk(s, static_cast<const BF16*>(e.live) + begin, n, aligned, k); break;
+    case LiveType::kFloat32: ema_chunk(s, static_cast<const float*>(e.live) + begin, n, aligned, k); break;
+    case LiveType::kBFloat16: ema_chunk(s, static_cast<const BF16*>(e.live) + begin, n, aligned, k); break;
     default: ema_chunk(s, static_cast<const __half*>(e.live) + begin, n, aligned, k); break;
   }
 }
 
-int32_t live_type_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return kLiveF32;
-    case at::kBFloat16: return kLiveBF16;
-    default: return kLiveF16;  // ema_check_inputs admits only fp32, bf16 and fp16
-  }
-}
-
-void ema_update_cuda(at::TensorList shadow, at::TensorList live, double decay) {
-  ema_check_inputs(shadow, live, decay);
-  if (shadow.empty()) return;
-  const c10::cuda::CUDAGuard guard(shadow[0].device());
-
-  std::vector<at::Tensor> live_c;  // contiguous copies of strided live tensors, alive until launch
-  std::vector<EmaEntry> entries;
-  std::vector<int64_t> first_chunk;  // prefix sum of chunk counts over the kept entries
-  entries.reserve(shadow.size());
-  first_chunk.reserve(shadow.size() + 1);
-  int64_t n_chunks = 0;
-  for (size_t i = 0; i < shadow.size(); ++i) {
-    const int64_t n = shadow[i].numel();
-    if (n == 0) continue;
-    const at::Tensor* l = &live[i];
-    if (!l->is_contiguous()) {
-      live_c.push_back(l->contiguous());
-      l = &live_c.back();
-    }
-    float* s = shadow[i].data_ptr<float>();
-    const auto lp = reinterpret_cast<uintptr_t>(l->data_ptr());
-    const bool aligned = reinterpret_cast<uintptr_t>(s) % 16 == 0 && lp % (kVec * l->element_size()) == 0;
-    entries.push_back({s, l->data_ptr(), n, live_type_code(l->scalar_type()), aligned ? 1 : 0});
-    first_chunk.push_back(n_chunks);
-    n_chunks += (n + kChunk - 1) / kChunk;
-  }
-  if (n_chunks == 0) return;
-  TORCH_CHECK(n_chunks <= std::numeric_limits<int32_t>::max(), "ema_update_: ", n_chunks,
-              " chunks exceed the grid limit; split the list");
-
-  const float w = static_cast<float>(1.0 - decay);
-  const Weights k{w, 1.0f - w, std::abs(w) < 0.5f};
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const auto grid = static_cast<unsigned>(n_chunks);
-  if (entries.size() == 1) {
-    _ema_kernel<<<grid, kThreads, 0, stream>>>(nullptr, nullptr, entries[0], k);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-
-  // One pinned staging buffer from torch's caching host allocator: a non_blocking copy_ records
-  // an event on the stream, so the block is not reused before the copy has read it.
-  const int64_t entry_bytes = int64_t(entries.size()) * int64_t(sizeof(EmaEntry));
-  const int64_t bytes = entry_bytes + n_chunks * int64_t(sizeof(ChunkRef));
-  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  auto* base = static_cast<uint8_t*>(host.data_ptr());
-  std::memcpy(base, entries.data(), entry_bytes);
-  auto* chunks = reinterpret_cast<ChunkRef*>(base + entry_bytes);
-  for (size_t t = 0; t < entries.size(); ++t) {
-    const int64_t count = (entries[t].numel + kChunk - 1) / kChunk;
-    for (int64_t c = 0; c < count; ++c) chunks[first_chunk[t] + c] = {int32_t(t), int32_t(c)};
-  }
-  at::Tensor table = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(shadow[0].device()));
-  table.copy_(host, /*non_blocking=*/true);
-  const auto* d_base = static_cast<const uint8_t*>(table.data_ptr());
-  _ema_kernel<<<grid, kThreads, 0, stream>>>(reinterpret_cast<const EmaEntry*>(d_base),
-                                             reinterpret_cast<const ChunkRef*>(d_base + entry_bytes), EmaEntry{}, k);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mlaan_fast, CUDA, m) {
-  m.impl("ema_update_", &ema_update_cuda);
+int update(const Update& a, Stream stream) {
+  const Weights k{a.w, 1.0f - a.w, std::abs(a.w) < 0.5f};
+  const auto grid = static_cast<unsigned>(a.chunks_count);
+  _ema_kernel<<<grid, kThreads, 0, stream>>>(a.entries, a.chunks, a.single, k);
+  return static_cast<int>(cudaGetLastError());
 }
 
-}  // namespace mlaan_fast
+}  // namespace mlaan_fast::ema::launch

@@ -9,8 +9,14 @@ import torch
 
 import mlaan_fast.ops as ops
 from mlaan_fast.cli import main as cli_main
-from mlaan_fast.ops import _backend
-from mlaan_fast.ops import BACKENDS, BackendUnavailableError, available_backends, select_backend, use_backend
+from mlaan_fast.ops import (
+    BACKENDS,
+    BackendUnavailableError,
+    _backend,
+    available_backends,
+    select_backend,
+    use_backend,
+)
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -22,8 +28,10 @@ def _no_env_force(monkeypatch):
 
 
 def _fake_avail(monkeypatch, **usable):
-    table = {name: (usable.get(name, True), f"{name} {'works' if usable.get(name, True) else 'is broken'} here")
-             for name in BACKENDS}
+    table = {}
+    for name in BACKENDS:
+        ok = usable.get(name, True)
+        table[name] = (ok, f"{name} {'works' if ok else 'is broken'} here")
     monkeypatch.setattr(_backend, "available_backends", lambda: dict(table))
 
 
@@ -81,6 +89,20 @@ def test_environment_variable(monkeypatch):
     assert _backend.forced_backend() is None
 
 
+@pytest.mark.parametrize("op", ["aux_head_loss", "ema_update_"])
+def test_unknown_environment_backend_is_a_one_line_error(monkeypatch, op):
+    """A misspelt MLAAN_FAST_BACKEND stops every op with one line naming the variable and the choices."""
+    monkeypatch.setenv(_backend.ENV_VAR, "cuda ")
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError) as caught:
+        if op == "aux_head_loss":
+            ops.aux_head_loss(x, torch.randn(4, 3), None, torch.tensor([0, 1]))
+        else:
+            ops.ema_update_([torch.zeros(2)], [torch.zeros(2)], 0.5)
+    assert str(caught.value) == ("MLAAN_FAST_BACKEND: unknown backend 'cuda '; choose one of "
+                                 "reference, cpu, cuda, triton")
+
+
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match=r"unknown backend 'gpu'.*reference, cpu, cuda, triton"):
         with use_backend("gpu"):
@@ -89,7 +111,8 @@ def test_unknown_backend_name():
 
 def test_forcing_unusable_backend_raises(monkeypatch):
     _fake_avail(monkeypatch, cpu=False)
-    with use_backend("cpu"), pytest.raises(BackendUnavailableError, match=r"'cpu' was forced.*cpu is broken here"):
+    with use_backend("cpu"), pytest.raises(BackendUnavailableError,
+                                           match=r"'cpu' was forced.*cpu is broken here"):
         select_backend("ema_update_", CPU)
     with use_backend("cpu"), pytest.raises(BackendUnavailableError, match="ema_update_"):
         ops.ema_update_([torch.zeros(2)], [torch.zeros(2)], 0.5)
@@ -108,7 +131,7 @@ def test_forcing_backend_on_wrong_device_raises(monkeypatch):
 
 def test_real_unusable_backend_is_an_error():
     """Without monkeypatching: whatever is unusable on this machine cannot be forced."""
-    for name, (usable, why) in available_backends().items():
+    for name, (usable, _why) in available_backends().items():
         if not usable:
             with use_backend(name), pytest.raises(BackendUnavailableError, match="unavailable"):
                 select_backend("op", CUDA if name in ("cuda", "triton") else CPU)
@@ -141,7 +164,7 @@ def test_info_command_entry_point():
 def _check_info(out):
     assert "torch" in out and "backends:" in out
     lines = out[out.index("backends:"):].splitlines()[1:]
-    for name, (usable, reason) in available_backends().items():
+    for name, (usable, _reason) in available_backends().items():
         row = [line for line in lines if line.split() and line.split()[0] == name]
         assert len(row) == 1, (name, out)
         assert ("yes" if usable else "no") == row[0].split()[1]

@@ -26,7 +26,7 @@ class DGLAuxHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, *, conv_channels: int = 128,
                  hidden: int = 512, depth: int = 3, fused: bool = True, lean: bool = True,
-                 check_target: bool = True):
+                 check_target: bool | None = None):
         super().__init__()
         convs, c = [], in_channels
         for _ in range(depth):
@@ -41,7 +41,7 @@ class DGLAuxHead(nn.Module):
         self.mlp = nn.Sequential(*mlp)
         self.fc = nn.Linear(c, num_classes)
         self.fused, self.lean = fused, lean
-        self.check_target = check_target  # False: labels validated on the host, no device sync
+        self.check_target = check_target  # False: labels validated on the host, no device sync; None: context
         for m in self.convs.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -39,12 +39,14 @@ class InfoProAuxHead(nn.Module):
         self.fc = nn.Linear(hidden, num_classes)
         image_channels = len(image_mean)
         self.decoder = nn.Sequential(
-            nn.Conv2d(in_channels, decoder_channels, 3, padding=1, bias=False), nn.BatchNorm2d(decoder_channels),
+            nn.Conv2d(in_channels, decoder_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(decoder_channels),
             nn.ReLU(inplace=True), nn.Conv2d(decoder_channels, image_channels, 3, padding=1))
         self.register_buffer("image_mean", torch.tensor(image_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std).view(1, -1, 1, 1), persistent=False)
         self.ixx, self.ixy, self.fused = float(ixx), float(ixy), fused
-        self.check_target = True  # False: labels validated on the host, no device sync (fused CE)
+        # None follows mlaan_fast.ops.target_checks; False: labels validated on the host (fused CE).
+        self.check_target = None
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -61,5 +63,6 @@ class InfoProAuxHead(nn.Module):
         reconstruction_logits = self.decoder(upsampled)
         pixels = (image * self.image_std.to(image.dtype) + self.image_mean.to(image.dtype)).clamp(0, 1)
         # BCE(sigmoid(r), p) written on the logits: the same value, without log(0).
-        bce = F.binary_cross_entropy_with_logits(_fp32_or_wider(reconstruction_logits), _fp32_or_wider(pixels))
+        bce = F.binary_cross_entropy_with_logits(_fp32_or_wider(reconstruction_logits),
+                                                 _fp32_or_wider(pixels))
         return self.ixx * bce + self.ixy * ce

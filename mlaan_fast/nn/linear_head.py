@@ -5,19 +5,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mlaan_fast.ops.aux_head import aux_head_loss
+from mlaan_fast.ops import aux_head_loss
 
 
 class LinearAuxHead(nn.Module):
     """Drop-in for ``AdaptiveAvgPool2d(1) -> Flatten -> Linear -> CrossEntropyLoss``; state is ``fc.*``.
 
-    ``check_target`` (fused path): raise ValueError for a target outside [0, num_classes), one host
-    sync per call on a GPU; False skips it (labels validated on the host) and such a target then
-    gives a NaN loss. The unfused path is plain PyTorch (F.cross_entropy checks on its own terms).
+    ``check_target`` (fused path): True raises ValueError for a target outside [0, num_classes), one
+    host sync per call on a GPU; False skips it (labels validated on the host) and such a target then
+    gives a NaN loss; None (the default) follows :func:`mlaan_fast.ops.target_checks`. The unfused
+    path is plain PyTorch (F.cross_entropy checks on its own terms).
     """
 
     def __init__(self, in_channels: int, num_classes: int, bias: bool = True, fused: bool = True,
-                 check_target: bool = True):
+                 check_target: bool | None = None):
         super().__init__()
         self.fc = nn.Linear(in_channels, num_classes, bias=bias)
         self.fused = fused
@@ -27,7 +28,7 @@ class LinearAuxHead(nn.Module):
                 return_correct: bool = False, check_target: bool | None = None):
         """features [B,C,H,W] or [B,C]; target int64 [B] -> loss, or (loss, correct: 0-dim int64).
 
-        ``check_target`` overrides the module's setting for this call."""
+        ``check_target`` (True or False) overrides the module's setting for this call."""
         if self.fused:
             check = self.check_target if check_target is None else check_target
             loss, logits = aux_head_loss(features, self.fc.weight, self.fc.bias, target, reduction=reduction,

@@ -7,8 +7,8 @@ from mlaan_fast.ops._backend import (
     select_backend,
     use_backend,
 )
+from mlaan_fast.ops.aux_head import aux_head_loss, target_checks
 from mlaan_fast.ops.ema import ema_update_
-from mlaan_fast.ops.aux_head import aux_head_loss
 
 __all__ = [
     "BACKENDS",
@@ -19,4 +19,5 @@ __all__ = [
     "use_backend",
     "ema_update_",
     "aux_head_loss",
+    "target_checks",
 ]

@@ -152,3 +152,18 @@ def select_backend(op: str, device: torch.device, gpu_order: tuple[str, ...] = (
         if avail[candidate][0] and _runs_on(candidate, device):
             return candidate
     return "reference"
+
+
+_selected: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def backend_for(op: str, device_type: str, device_index: int | None, gpu_order: tuple[str, ...]) -> str:
+    """:func:`select_backend` for an op's call, remembered per (op, device, forced backend).
+
+    Called once per call of a fused op, outside any traced graph: a compiled graph carries the
+    name as a constant. (A replaced availability probe, as tests make, is a new key.)"""
+    key = (op, device_type, device_index, gpu_order, forced_backend(), available_backends)
+    if key not in _selected:
+        _selected[key] = select_backend(op, torch.device(device_type, device_index), gpu_order=gpu_order)
+    return _selected[key]

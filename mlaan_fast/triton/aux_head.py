@@ -4,15 +4,14 @@ Forward: one program per sample (pool, logits in class blocks with an online log
 Backward: one program per sample for d(features); d(weight), d(bias) from tiles of
 (classes x channels) over batch splits, each split's partial summed in a fixed order.
 The class dimension may be tiny (N = 2, 10), so products use broadcast-multiply + ``tl.sum``.
-A target outside [0, N) that reaches a kernel (unchecked) gives a NaN loss and NaN gradients.
+A target outside [0, N) that reaches a kernel gives a NaN loss and NaN gradients: the range
+check, where wanted, is the caller's.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-
-from mlaan_fast.ops.aux_head import check_target_range
 
 _TILE = 4096  # elements of one 2-D register tile
 _NUM_WARPS = 4
@@ -55,7 +54,8 @@ def _aux_head_forward_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        w = tl.load(w_ptr + offs_n[:, None] * C + offs_c[None, :], mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * C + offs_c[None, :], mask=mask_n[:, None] & mask_c[None, :],
+                    other=0.0)
         z = tl.sum(w * pooled[None, :], axis=1)
         if HAS_BIAS:
             z += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
@@ -113,14 +113,16 @@ def _aux_head_backward_input_kernel(
         if HAS_GRAD_LOGITS:
             dl += tl.load(grad_logit_ptr + b * N + offs_n, mask=mask_n, other=0.0).to(ACC)
         dl = tl.where(mask_n, dl, 0.0)
-        w = tl.load(w_ptr + offs_n[:, None] * C + offs_c[None, :], mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * C + offs_c[None, :], mask=mask_n[:, None] & mask_c[None, :],
+                    other=0.0)
         dpooled += tl.sum(w.to(ACC) * dl[:, None], axis=0)
     value = (dpooled / HW).to(out_ptr.dtype.element_ty)
     tile = tl.broadcast_to(value[:, None], [BLOCK_C, BLOCK_HW])
     out_rows = out_ptr + b * C * HW + offs_c[:, None] * out_stride_c
     for p0 in range(0, HW, BLOCK_HW):
         offs_p = p0 + tl.arange(0, BLOCK_HW)
-        tl.store(out_rows + (offs_p * out_stride_p)[None, :], tile, mask=mask_c[:, None] & (offs_p < HW)[None, :])
+        tl.store(out_rows + (offs_p * out_stride_p)[None, :], tile,
+                 mask=mask_c[:, None] & (offs_p < HW)[None, :])
 
 
 @triton.jit
@@ -148,10 +150,11 @@ def _aux_head_backward_params_kernel(
         z = tl.load(logit_ptr + offs_b[:, None] * N + offs_n[None, :], mask=mask_bn, other=0.0).to(ACC)
         dl = _dlogits(g[:, None], z, lse[:, None], offs_n[None, :] == t[:, None], eps, N)
         if HAS_GRAD_LOGITS:
-            dl += tl.load(grad_logit_ptr + offs_b[:, None] * N + offs_n[None, :], mask=mask_bn, other=0.0).to(ACC)
+            dl += tl.load(grad_logit_ptr + offs_b[:, None] * N + offs_n[None, :], mask=mask_bn,
+                          other=0.0).to(ACC)
         dl = tl.where(mask_bn, dl, 0.0)
-        p = tl.load(pool_ptr + offs_b[:, None] * C + offs_c[None, :], mask=mask_b[:, None] & (offs_c < C)[None, :],
-                    other=0.0).to(ACC)
+        p = tl.load(pool_ptr + offs_b[:, None] * C + offs_c[None, :],
+                    mask=mask_b[:, None] & (offs_c < C)[None, :], other=0.0).to(ACC)
         p = tl.where((offs_c == C)[None, :] & mask_b[:, None], 1.0, p)
         acc += tl.sum(dl[:, :, None] * p[:, None, :], axis=0)
     out = part_ptr + split * N * (C + 1) + offs_n[:, None] * (C + 1) + offs_c[None, :]
@@ -166,11 +169,11 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
 
-def forward(features, weight, bias, target, label_smoothing, out=None, check_target=True):
-    """features [B,C,H,W] or [B,C]; weight/bias in the compute dtype -> (losses [B], logits [B,N], pooled [B,C], lse [B]).
+def forward(features, weight, bias, target, label_smoothing, out=None):
+    """features [B,C,H,W] or [B,C]; weight/bias in the compute dtype -> (losses [B], logits [B,N],
+    pooled [B,C], lse [B]).
 
-    ``check_target``: raise ValueError for a target outside [0, N) before the launch (one host sync
-    on a GPU; skipped while a CUDA graph is being captured); unchecked, such a target's loss is NaN."""
+    ``out``: the four outputs, written in place (every element), instead of new tensors."""
     cdt = weight.dtype
     x = features if features.dim() == 4 else features[:, :, None, None]
     if cdt == torch.float64:
@@ -180,8 +183,6 @@ def forward(features, weight, bias, target, label_smoothing, out=None, check_tar
     if out is None:
         out = (x.new_empty(B, dtype=cdt), x.new_empty(B, N, dtype=cdt),
                x.new_empty(B, C, dtype=cdt), x.new_empty(B, dtype=cdt))
-    if check_target and not (target.is_cuda and torch.cuda.is_current_stream_capturing()):
-        check_target_range(target, N)
     losses, logits, pooled, lse = out
     weight = weight.contiguous()
     target = target.contiguous()
@@ -218,7 +219,8 @@ def backward_input(grad_losses, grad_logits, logits, lse, weight, target, label_
     return out
 
 
-def backward_params(grad_losses, grad_logits, logits, lse, pooled, target, label_smoothing, *, max_splits=None):
+def backward_params(grad_losses, grad_logits, logits, lse, pooled, target, label_smoothing, *,
+                    max_splits=None):
     """(d(weight) [N,C], d(bias) [N]) in the logits dtype; fixed summation order (deterministic)."""
     B, N = logits.shape
     C = pooled.shape[1]
@@ -228,7 +230,8 @@ def backward_params(grad_losses, grad_logits, logits, lse, pooled, target, label
     tiles = triton.cdiv(N, block_n) * triton.cdiv(C + 1, block_c)
     if max_splits is None:
         on_gpu = logits.device.type == "cuda"
-        max_splits = max(1, 4 * torch.cuda.get_device_properties(logits.device).multi_processor_count // tiles) if on_gpu else 2
+        sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if on_gpu else 0
+        max_splits = max(1, 4 * sms // tiles) if on_gpu else 2
     splits = max(1, min(max_splits, triton.cdiv(B, block_b)))
     b_per_split = triton.cdiv(triton.cdiv(B, splits), block_b) * block_b
     splits = triton.cdiv(B, b_per_split)

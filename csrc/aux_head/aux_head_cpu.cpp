@@ -1,7 +1,7 @@
 // Fused auxiliary-head loss on CPU: global-average-pool -> Linear -> softmax cross-entropy.
 // Forward reads each sample's features once (parallel over the batch) and keeps the logits, the
 // pooled vector and the log-sum-exp; backward rebuilds d(logits) from them. Kernels only: the
-// operators in aux_head_ops.cpp check and convert the operands first.
+// operators in aux_head_ops.cpp guard and convert the operands first.
 //
 // The linear layer runs as per-sample dot products for small batches and heads, and as the
 // [B,C] x [C,N] products of ATen's GEMM for large ones (use_gemm): at the ImageNet head
@@ -20,7 +20,7 @@
 #include <utility>
 #include <vector>
 
-#include "aux_head.h"
+#include "aux_head/aux_head.h"
 
 namespace mlaan_fast::aux_head {
 

@@ -1,7 +1,8 @@
 // Launchers of the fused auxiliary-head CUDA kernels (kernels/aux_head.cu). Plain structs of raw
-// pointers and sizes only: no ATen and no CUDA headers, so g++-compiled host code can call them.
-// The host has checked every argument. A launcher never throws: it returns the CUDA error code
-// of its launches (0 = success) and the host turns a non-zero code into an exception.
+// pointers and sizes only: no ATen and no CUDA headers, so the g++-compiled host half
+// (csrc/aux_head/aux_head_cuda.cpp) can call them. The host has guarded every argument. A launcher
+// never throws: it returns the CUDA error code of its launches (0 = success) and the host turns a
+// non-zero code into an exception.
 #pragma once
 #include <cstddef>
 #include <cstdint>

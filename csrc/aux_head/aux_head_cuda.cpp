@@ -1,8 +1,7 @@
 // CUDA host half of the fused auxiliary-head loss: size limits of the kernels, the current
 // stream and graph-capture state, and the calls to the launchers of kernels/aux_head.cu, whose
 // error codes become exceptions here (g++-compiled code; nothing in the .cu throws).
-#include "aux_head.h"
-#include "checks.h"
+#include "aux_head/aux_head.h"
 
 #ifdef MLAAN_FAST_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
@@ -19,6 +18,7 @@ namespace mlaan_fast::aux_head::cuda {
 
 namespace {
 
+constexpr const char* kOp = "aux_head_loss";
 constexpr int64_t kIntLimit = int64_t(1) << 31;
 constexpr size_t kSharedLimit = 48 * 1024;  // dynamic shared memory without an opt-in
 
@@ -28,7 +28,7 @@ launch::DType dtype_of(at::ScalarType t) {
     case at::kDouble: return launch::DType::kFloat64;
     case at::kHalf: return launch::DType::kFloat16;
     case at::kBFloat16: return launch::DType::kBFloat16;
-    default: MLAAN_CHECK_TYPE(false, "aux_head_loss: the cuda backend has no kernel for ", t);
+    default: TORCH_CHECK_TYPE(false, "aux_head_loss: the cuda backend has no kernel for ", t);
   }
   return launch::DType::kFloat32;
 }
@@ -49,23 +49,23 @@ bool stream_is_capturing() {
   return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
-void check_forward_sizes(const char* op, const Dims& d, at::ScalarType cdt) {
-  MLAAN_CHECK_VALUE(d.C * d.H * d.W < kIntLimit && d.N < kIntLimit && d.B < kIntLimit, op,
+void check_forward_sizes(const Dims& d, at::ScalarType cdt) {
+  TORCH_CHECK_VALUE(d.C * d.H * d.W < kIntLimit && d.N < kIntLimit && d.B < kIntLimit, kOp,
                     ": sizes too large for the cuda backend (C*H*W, N and B must be < 2^31)");
   const size_t smem = launch::forward_smem_bytes(d.C, d.N, c10::elementSize(cdt));
-  MLAAN_CHECK_VALUE(smem <= kSharedLimit, op, ": C + N = ", d.C + d.N, " is too large for the cuda backend ",
+  TORCH_CHECK_VALUE(smem <= kSharedLimit, kOp, ": C + N = ", d.C + d.N, " is too large for the cuda backend ",
                     "(shared memory ", smem, " bytes > 48 KiB); use the triton or reference backend");
 }
 
-void check_backward_input_sizes(const char* op, int64_t B, int64_t N, int64_t C, int64_t HW, at::ScalarType cdt) {
-  MLAAN_CHECK_VALUE(C * HW < kIntLimit && B < kIntLimit, op, ": C*H*W and B must be < 2^31 for the cuda backend");
+void check_backward_input_sizes(int64_t B, int64_t N, int64_t C, int64_t HW, at::ScalarType cdt) {
+  TORCH_CHECK_VALUE(C * HW < kIntLimit && B < kIntLimit, kOp, ": C*H*W and B must be < 2^31 for the cuda backend");
   const size_t smem = static_cast<size_t>(N + C) * c10::elementSize(cdt);
-  MLAAN_CHECK_VALUE(smem <= kSharedLimit, op, ": C + N = ", C + N, " is too large for the cuda backend");
+  TORCH_CHECK_VALUE(smem <= kSharedLimit, kOp, ": C + N = ", C + N, " is too large for the cuda backend");
 }
 
-void check_backward_params_sizes(const char* op, int64_t B, int64_t N, int64_t C) {
-  MLAAN_CHECK_VALUE(B * std::max(N, C + 1) < kIntLimit, op, ": sizes too large for the cuda backend");
-  MLAAN_CHECK_VALUE((C + launch::kParamsLanes) / launch::kParamsLanes <= 65535, op, ": C = ", C,
+void check_backward_params_sizes(int64_t B, int64_t N, int64_t C) {
+  TORCH_CHECK_VALUE(B * std::max(N, C + 1) < kIntLimit, kOp, ": sizes too large for the cuda backend");
+  TORCH_CHECK_VALUE((C + launch::kParamsLanes) / launch::kParamsLanes <= 65535, kOp, ": C = ", C,
                     " is too large for the cuda backend");
 }
 
@@ -131,9 +131,9 @@ void no_cuda() { TORCH_CHECK(false, "mlaan_fast._C was built without CUDA kernel
 }  // namespace
 
 bool stream_is_capturing() { return false; }
-void check_forward_sizes(const char*, const Dims&, at::ScalarType) { no_cuda(); }
-void check_backward_input_sizes(const char*, int64_t, int64_t, int64_t, int64_t, at::ScalarType) { no_cuda(); }
-void check_backward_params_sizes(const char*, int64_t, int64_t, int64_t) { no_cuda(); }
+void check_forward_sizes(const Dims&, at::ScalarType) { no_cuda(); }
+void check_backward_input_sizes(int64_t, int64_t, int64_t, int64_t, at::ScalarType) { no_cuda(); }
+void check_backward_params_sizes(int64_t, int64_t, int64_t) { no_cuda(); }
 void forward(const ForwardOperands&, const ForwardOutputs&) { no_cuda(); }
 void backward_input(const BackwardOperands&, const at::Tensor&, const at::Tensor&, bool) { no_cuda(); }
 void backward_params(const BackwardOperands&, const at::Tensor&, const at::Tensor&, const at::Tensor&) { no_cuda(); }
