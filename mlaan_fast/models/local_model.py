@@ -76,7 +76,6 @@ class LocalModel(nn.Module):
                 cascade_width = final_width if self.use_lam else widths[w.index]
                 self.casc_heads[str(w.index)] = make_head(spec.head, cascade_width, num_classes,
                                                           module_index=w.index, **head)
-        self.check_targets = True  # see set_target_checks
         self._register_load_state_dict_pre_hook(_drop_shadow_statistics)
         self.shadow_bank = self.frozen_shadow_bank = None
         self.shadow_positions: list = []  # live block (stage, block) that shadow i follows
@@ -167,21 +166,11 @@ class LocalModel(nn.Module):
         """Every trainable parameter (frozen EMA shadows excluded)."""
         return (p for p in super().parameters(recurse) if p.requires_grad)
 
-    def set_target_checks(self, enabled: bool) -> None:
-        """Whether the fused heads check the label range (one host sync per head call on a GPU).
-
-        Turn off only where labels were validated on the host (the trainer does): an out-of-range
-        label then gives a NaN loss instead of an error. Not part of the config or checkpoints."""
-        self.check_targets = bool(enabled)
-        for head in itertools.chain(self.ind_heads.values(), self.casc_heads.values()):
-            head.check_target = self.check_targets
-
     # ------------------------------------------------------------------ losses
     def _classifier_loss(self, features, targets):
         """Real classifier on the last module's output: (CE, logits [B,N])."""
         if self.options.fused:
-            return aux_head_loss(features, self.fc.weight, self.fc.bias, targets, return_logits=True,
-                                 check_target=self.check_targets)
+            return aux_head_loss(features, self.fc.weight, self.fc.bias, targets, return_logits=True)
         logits = self.fc(features.mean(dim=(2, 3)))
         logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
         return F.cross_entropy(logits, targets), logits

@@ -5,6 +5,7 @@ from contextlib import nullcontext
 
 import torch
 
+from mlaan_fast.ops import target_checks
 from mlaan_fast.runtime.streams import side_stream
 from mlaan_fast.settings import boolean, integer
 
@@ -59,7 +60,6 @@ class LocalStep:
         self.overlap = check_overlap(model, overlap)
         self.check_targets = boolean("check_targets", check_targets)
         self.microbatches = integer(1)("microbatches", microbatches)
-        model.set_target_checks(self.check_targets)
 
     def _autocast(self, device: torch.device):
         if self.amp_dtype is None:
@@ -72,7 +72,7 @@ class LocalStep:
         n = self.microbatches
         if n > images.shape[0]:
             raise ValueError(f"microbatches: {n} micro-batches of a batch of {images.shape[0]} images")
-        with self._autocast(images.device):
+        with self._autocast(images.device), target_checks(self.check_targets):
             if n == 1:
                 return self.model.local_step(images, targets, grad_scaler, overlap=self.overlap, side_stream=side)
             scale = MicroBatchScale(grad_scaler, n)
@@ -82,10 +82,13 @@ class LocalStep:
 
 
 def make_step(model, *, overlap: bool = False, amp_dtype: torch.dtype | None = None, check_targets: bool = True,
-              cuda_graphs: bool = False):
+              cuda_graphs: bool = False, microbatches: int = 1):
     """A :class:`LocalStep`, or with ``cuda_graphs`` a :class:`GraphedLocalStep` (CUDA only) with the same switches."""
     if cuda_graphs:
         from mlaan_fast.runtime.graphed import GraphedLocalStep
 
+        if microbatches != 1:
+            raise ValueError("cuda_graphs and microbatches: a captured step runs the whole batch; choose one")
         return GraphedLocalStep(model, amp_dtype=amp_dtype, overlap=overlap)
-    return LocalStep(model, overlap=overlap, amp_dtype=amp_dtype, check_targets=check_targets)
+    return LocalStep(model, overlap=overlap, amp_dtype=amp_dtype, check_targets=check_targets,
+                     microbatches=microbatches)
