@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,15 +173,42 @@ def resolve_config(explicit: dict, config_file: str | Path | None = None,
 
 
 def load_yaml(path: str | Path) -> dict:
-    """Read a config YAML file (a mapping of TrainConfig fields)."""
+    """Read a config YAML file (a mapping of TrainConfig fields); ValueError naming the file and the
+    place if it is not a readable YAML mapping of setting names."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--config: {path} is a folder; pass a YAML file (e.g. runs/NAME/config.yaml)")
     if not path.is_file():
         raise FileNotFoundError(f"--config: no such file {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ValueError(f"--config: {path} is not a text file (not UTF-8); pass a YAML file") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--config: {path} is not valid YAML ({_yaml_problem(exc)})") from None
+    except OSError as exc:
+        raise ValueError(f"--config: cannot read {path} ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config: {path} must hold a mapping of settings, got {type(data).__name__}")
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        raise ValueError(f"--config: {path}: setting names must be words, got {odd[0]!r}")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """'line L, column C: problem' of a YAML error, on one line."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem).split())
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if it is 'auto', 'cpu', 'cuda' or 'cuda:N'; ValueError naming the option otherwise."""
+    if isinstance(name, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        return name
+    raise ValueError(f"device: unknown {name!r}; use auto, cpu, cuda or cuda:N (e.g. --device cuda:0)")
 
 
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
