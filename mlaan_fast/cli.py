@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
+import signal
 import sys
+import threading
 
 import yaml
 
@@ -186,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with _ctrl_c_is_never_lost():
+            return args.func(args)
     except KeyboardInterrupt as exc:
         _say(args.command, _interrupted(exc))
         return 130
@@ -196,6 +200,34 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _say(args.command, f"error: {message}")
         return code
+
+
+@contextlib.contextmanager
+def _ctrl_c_is_never_lost():
+    """Ctrl-C raises KeyboardInterrupt as usual; one that lands in a finalizer (``__del__``), where Python
+    prints and drops exceptions, is raised again a moment later instead."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+        else:
+            previous_hook(unraisable)
+
+    def again(signum, frame):
+        raise KeyboardInterrupt
+
+    previous_alarm = signal.signal(signal.SIGALRM, again)
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous_alarm)
+        sys.unraisablehook = previous_hook
 
 
 def _say(command: str, message: str) -> None:

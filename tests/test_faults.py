@@ -579,3 +579,25 @@ def test_ctrl_c_stops_at_once_and_prints_the_resume_command(tmp_path, when):
     else:
         assert lines[0].startswith(f"mlaan-fast train: interrupted before the first checkpoint of {out}")
         assert not (out / "last.pt").exists()
+
+
+class _DroppedCtrlC:
+    """Raises KeyboardInterrupt from ``__del__``, where Python prints and drops it: what happens to a
+    Ctrl-C that lands in a finalizer (the ActivationMeter's run by the thousand in a first step)."""
+
+    def __del__(self):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_dropped_in_a_finalizer_still_stops_the_run(tmp_path, capsys, monkeypatch):
+    real_evaluate = loop.evaluate
+
+    def evaluate(*args, **kwargs):
+        _DroppedCtrlC()
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    assert main(["train", *TINY_ARGS, "--epochs", "30", "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "Exception ignored" not in err and "Traceback" not in err
+    assert stderr_lines(err)[-1].startswith("mlaan-fast train: interrupted")

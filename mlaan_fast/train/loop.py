@@ -482,7 +482,7 @@ def _check_epoch_state(model, optimizer, test_loss: float, epoch: int, test_load
         what = f"non-finite values in {bad[0]}{also}"
     else:
         module = _first_nonfinite_module(model, test_loader, device, cfg)
-        where = f" (module {module} is the first whose output is not finite)" if module is not None else ""
+        where = f", first seen in the output of module {module}" if module is not None else ""
         what = f"non-finite test loss ({test_loss}){where}"
     raise TrainingDiverged(f"training diverged at epoch {epoch + 1}: {what}; nothing was saved over the last "
                            "checkpoint; try a smaller --lr or a longer --warmup-epochs")
