@@ -508,8 +508,10 @@ def _fill_disk(monkeypatch, name: str, nth: int) -> None:
 
 
 @pytest.mark.parametrize("target, nth, saved_epoch, fragments", [
-    ("last.pt", 2, 1, ["epoch 2 was not saved: cannot write checkpoint", "the previous", "last.pt is kept"]),
-    ("best.pt", 1, None, ["epoch 1 was not saved", "best.pt: no space left on device"]),
+    ("last.pt", 2, 1, ["epoch 2 was not saved: cannot write checkpoint", "last.pt: no space left on device; "
+                       "the previous last.pt is kept"]),
+    ("best.pt", 1, None, ["epoch 1 was not saved", "best.pt: no space left on device; free some space, then "
+                          "run the same command again"]),
     ("metrics.jsonl", 3, 2, ["epoch 2 is saved in", "but its metrics could not be written"]),
     ("config.yaml", 1, None, ["config.yaml"]),
 ], ids=["last-epoch2", "best-epoch1", "metrics-epoch2", "config-start"])

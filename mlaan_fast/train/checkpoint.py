@@ -78,9 +78,9 @@ def save_checkpoint(state: dict, *paths: str | Path) -> None:
         try:
             atomic_write(path, chunks, durable=True)
         except OSError as exc:
-            kept = f"; the previous {path} is kept" if path.exists() else ""
-            raise CheckpointWriteError(f"cannot write checkpoint {path}: {describe_os_error(exc)}{kept}",
-                                       exc.errno) from exc
+            kept = f"; the previous {path.name} is kept" if path.exists() else ""
+            why = describe_os_error(exc, with_path=False)
+            raise CheckpointWriteError(f"cannot write checkpoint {path}: {why}{kept}", exc.errno) from exc
 
 
 def load_checkpoint(path: str | Path, check_finite: bool = True) -> dict:

@@ -16,12 +16,12 @@ class RunFolderError(RuntimeError):
     """The run folder cannot be used: not writable, or in use by another trainer."""
 
 
-def describe_os_error(exc: OSError) -> str:
+def describe_os_error(exc: OSError, with_path: bool = True) -> str:
     """'no space left on device: PATH' from an OSError (its message as is when it has no errno)."""
     if exc.strerror is None:
         return str(exc)
     what = exc.strerror[:1].lower() + exc.strerror[1:]
-    return f"{what}: {exc.filename}" if exc.filename else what
+    return f"{what}: {exc.filename}" if exc.filename and with_path else what
 
 
 def fsync_dir(folder: Path) -> None:
