@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shlex
+import signal
 import sys
+import threading
 
 import yaml
 
@@ -62,20 +67,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Load a checkpoint and print its test accuracy."""
-    from mlaan_fast.train.checkpoint import check_compatible, load_checkpoint
+    from mlaan_fast.train.checkpoint import check_compatible, load_checkpoint, load_model_state
     from mlaan_fast.train.config import TrainConfig
     from mlaan_fast.train.data import build_datasets, build_loaders
-    from mlaan_fast.train.loop import build_for_config, evaluate, pick_device
+    from mlaan_fast.train.loop import build_for_config, check_backend_env, evaluate, pick_device
 
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise ValueError(f"--workers: must be >= 0, got {args.workers}")
+    device = pick_device(args.device)
+    check_backend_env(device)
     state = load_checkpoint(args.checkpoint)
     cfg = TrainConfig.from_dict(state["config"], where=f"checkpoint {args.checkpoint}")
     if args.data_dir:
         cfg.data_dir = args.data_dir
-    device = pick_device(args.device)
     train_set, test_set, info = build_datasets(cfg.dataset, cfg.data_dir)
     model = build_for_config(cfg, info.num_classes, device, info)
     check_compatible(state, model.config, path=args.checkpoint)
-    model.load_state_dict(state["model"])
+    load_model_state(model, state, args.checkpoint)
     batch = args.batch_size or cfg.batch_size
     _, _, test_loader = build_loaders(train_set, test_set, batch, cfg.seed, args.workers,
                                       pin_memory=device.type == "cuda")
@@ -89,9 +99,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
     """Overlay the metrics of one or more runs into loss/accuracy/throughput PNGs."""
     from pathlib import Path
 
+    from mlaan_fast.train.metrics import read_metrics
     from mlaan_fast.train.plots import plot_runs
+    from mlaan_fast.train.runfolder import RunFolderError
 
-    out = args.out or (Path(args.runs[0]) / "plots" if len(args.runs) == 1 else Path("runs") / "plots")
+    for run in args.runs:
+        if not read_metrics(run):
+            raise ValueError(f"{Path(run) / 'metrics.jsonl'}: no completed epoch yet, nothing to plot")
+    out = Path(args.out or (Path(args.runs[0]) / "plots" if len(args.runs) == 1 else Path("runs") / "plots"))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunFolderError(f"--out: cannot write the plot folder {out} ({_os_error(exc)})") from None
     for path in plot_runs(args.runs, out):
         print(path)
     return 0
@@ -142,21 +161,99 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mlaan_fast.train.checkpoint import CheckpointError
-    from mlaan_fast.train.data import DatasetNotFoundError
-    from mlaan_fast.train.loop import TrainingDiverged
-
+    """Run one command; every failure is one line on stderr (exit 2; a diverged run 3; Ctrl-C 130)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
-    except TrainingDiverged as exc:
-        print(f"mlaan-fast {args.command}: {exc}", file=sys.stderr)
-        return 3
-    except (DatasetNotFoundError, CheckpointError, FileExistsError, FileNotFoundError, ValueError,
-            TypeError) as exc:
-        print(f"mlaan-fast {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        with _ctrl_c_is_never_lost():
+            return args.func(args)
+    except KeyboardInterrupt as exc:
+        _say(args.command, _interrupted(exc))
+        return 130
+    except Exception as exc:
+        code, message = _failure(exc)
+        if code == 1 and os.environ.get("MLAAN_FAST_TRACEBACK"):
+            raise
+        _say(args.command, f"error: {message}")
+        return code
+
+
+@contextlib.contextmanager
+def _ctrl_c_is_never_lost():
+    """Ctrl-C raises KeyboardInterrupt as usual; one that lands in a finalizer (``__del__``), where Python
+    prints and drops exceptions, is raised again a moment later instead."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+        else:
+            previous_hook(unraisable)
+
+    def again(signum, frame):
+        raise KeyboardInterrupt
+
+    previous_alarm = signal.signal(signal.SIGALRM, again)
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous_alarm)
+        sys.unraisablehook = previous_hook
+
+
+def _say(command: str, message: str) -> None:
+    """One line on stderr, after clearing any progress bar the failure left open."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+    print(f"mlaan-fast {command}: {message}", file=sys.stderr, flush=True)
+
+
+def _failure(exc: Exception) -> tuple[int, str]:
+    """(exit code, one-line message) for an exception that ends a command."""
+    from mlaan_fast.train.checkpoint import CheckpointError
+    from mlaan_fast.train.loop import TrainingDiverged
+    from mlaan_fast.train.runfolder import RunFolderError
+
+    if isinstance(exc, TrainingDiverged):
+        return 3, _one_line(str(exc))
+    if isinstance(exc, OSError):
+        return 2, _one_line(_os_error(exc))
+    if isinstance(exc, (CheckpointError, RunFolderError, ValueError, TypeError)):
+        return 2, _one_line(str(exc))
+    return 1, (f"unexpected {type(exc).__name__}: {_one_line(str(exc))} (set MLAAN_FAST_TRACEBACK=1 to see "
+               "where)")
+
+
+def _os_error(exc: OSError) -> str:
+    from mlaan_fast.train.runfolder import describe_os_error
+
+    return describe_os_error(exc)
+
+
+def _one_line(message: str) -> str:
+    """A message on one line; of an error re-raised from a DataLoader worker, its own last line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if "Original Traceback" in message and lines:
+        return lines[-1]
+    return "; ".join(lines)
+
+
+def _interrupted(exc: KeyboardInterrupt) -> str:
+    """What Ctrl-C stopped, and the command that continues it."""
+    checkpoint = getattr(exc, "checkpoint", None)
+    if checkpoint is not None:
+        return f"interrupted; resume with: mlaan-fast train --resume {shlex.quote(str(checkpoint))}"
+    run_dir = getattr(exc, "run_dir", None)
+    if run_dir is not None:
+        return (f"interrupted before the first checkpoint of {run_dir}: nothing to resume; run the same "
+                "command again to start over")
+    return "interrupted"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,13 @@ _DEMO_COMMON = dict(momentum=0.9, nesterov=True, weight_decay=1e-4)
 
 
 _WHAT, _OPT, _SPEED = "what to train", "optimisation (defaults: the recipe)", "speed and reproducibility"
+
+
+def _device_check(name: str, value) -> str:
+    return check_device_name(text()(name, value), name)
+
+
+_device_check.wants_text = True
 
 
 def _default_workers() -> int:
@@ -97,7 +105,7 @@ class TrainConfig:
     deterministic: bool = setting(False, "torch.use_deterministic_algorithms (bitwise-repeatable runs, slower)",
                                   boolean, group=_SPEED)
     workers: int = setting(_default_workers(), "DataLoader worker processes", integer(0), group=_SPEED)
-    device: str = setting("auto", "auto (default), cpu, cuda, cuda:N", text(), group=_SPEED)
+    device: str = setting("auto", "auto (default), cpu, cuda, cuda:N", _device_check, group=_SPEED)
     max_steps_per_epoch: int | None = setting(None, "cap on batches per epoch (short runs)",
                                               integer(1, optional=True), group=_SPEED, resume=True)
     out: str | None = setting(None, "run folder (default runs/<dataset>-<arch>-<method>-K<K>)",
@@ -217,15 +225,42 @@ def _checked(values: dict, where: str | None) -> dict:
 
 
 def load_yaml(path: str | Path) -> dict:
-    """Read a config YAML file (a mapping of TrainConfig fields)."""
+    """Read a config YAML file (a mapping of TrainConfig fields); ValueError naming the file and the
+    place if it is not a readable YAML mapping of setting names."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--config: {path} is a folder; pass a YAML file (e.g. runs/NAME/config.yaml)")
     if not path.is_file():
         raise FileNotFoundError(f"--config: no such file {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ValueError(f"--config: {path} is not a text file (not UTF-8); pass a YAML file") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--config: {path} is not valid YAML ({_yaml_problem(exc)})") from None
+    except OSError as exc:
+        raise ValueError(f"--config: cannot read {path} ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config: {path} must hold a mapping of settings, got {type(data).__name__}")
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        raise ValueError(f"--config: {path}: setting names must be words, got {odd[0]!r}")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """'line L, column C: problem' of a YAML error, on one line."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem).split())
+
+
+def check_device_name(name: str, label: str = "device") -> str:
+    """``name`` if it is 'auto', 'cpu', 'cuda' or 'cuda:N'; ValueError naming the option otherwise."""
+    if isinstance(name, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        return name
+    raise ValueError(f"{label}: unknown {name!r}; use auto, cpu, cuda or cuda:N (e.g. --device cuda:0)")
 
 
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:

@@ -7,6 +7,7 @@ transforms of each sample from that pair, so worker count and persistence do not
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,11 +15,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 _CIFAR_FILES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
                 "test_batch", "batches.meta"]
-_STL_FILES = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"]
+# torchvision's STL10 checks the unlabeled images too, even when it reads only the labelled splits
+_STL_FILES = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin"]
+_NEVER_DOWNLOADS = "(mlaan-fast never downloads; pass the folder with --data-dir)"
 
 
 class DatasetNotFoundError(FileNotFoundError):
     """The dataset files are not where --data-dir says; the message lists them and how to get them."""
+
+
+class DatasetError(ValueError):
+    """The dataset files are there but cannot be used (wrong contents, unreadable, inconsistent)."""
 
 
 @dataclass(frozen=True)
@@ -39,49 +46,98 @@ def _missing(paths: list[Path]) -> list[Path]:
 def _require(name: str, paths: list[Path], how: str) -> None:
     missing = _missing(paths)
     if missing:
-        listing = "\n".join(f"  {p}" for p in missing)
-        raise DatasetNotFoundError(f"{name}: expected these files, which are missing:\n{listing}\n{how}\n"
-                                   "(mlaan-fast never downloads; pass the folder with --data-dir)")
+        listing = ", ".join(str(p) for p in missing)
+        raise DatasetNotFoundError(f"{name}: expected these files, which are missing: {listing}; {how} "
+                                   f"{_NEVER_DOWNLOADS}")
+
+
+def _open(name: str, make, checksums: list[tuple[Path, str]], how: str):
+    """``make()`` (a torchvision dataset), its failures told as DatasetError naming the damaged files
+    (torchvision's own message advises downloading, which mlaan-fast never does)."""
+    try:
+        return make()
+    except ImportError as exc:
+        raise DatasetError(f"{name}: reading its files needs the module {exc.name!r} (pip install "
+                           f"{exc.name})") from None
+    except Exception as exc:
+        from torchvision.datasets.utils import check_integrity
+
+        bad = [str(p) for p, md5 in checksums if not check_integrity(str(p), md5)]
+        if bad:
+            raise DatasetError(f"{name}: these files have the expected names but not the expected contents "
+                               f"(MD5 differs): {', '.join(bad)}; replace them with a fresh copy. {how}"
+                               ) from None
+        reason = str(exc).split("You can use download=True")[0].strip().splitlines()
+        raise DatasetError(f"{name}: the files are present but cannot be read ({type(exc).__name__}: "
+                           f"{reason[0] if reason else ''}); replace them with a fresh copy. {how}") from None
 
 
 def _cifar10(root: Path, train: bool):
     import torchvision
 
     folder = root / "cifar-10-batches-py"
-    _require("cifar10", [folder / f for f in _CIFAR_FILES],
-             f"Get them with: mkdir -p {root} && curl -L "
-             f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz | tar xz -C {root}")
-    return torchvision.datasets.CIFAR10(str(root), train=train, download=False)
+    how = (f"Get them with: mkdir -p {root} && curl -L "
+           f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz | tar xz -C {root}")
+    _require("cifar10", [folder / f for f in _CIFAR_FILES], how)
+    sums = [(folder / f, md5) for f, md5 in torchvision.datasets.CIFAR10.train_list
+            + torchvision.datasets.CIFAR10.test_list]
+    meta = torchvision.datasets.CIFAR10.meta
+    sums.append((folder / meta["filename"], meta["md5"]))
+    return _open("cifar10", partial(torchvision.datasets.CIFAR10, str(root), train=train, download=False),
+                 sums, how)
 
 
 def _svhn(root: Path, train: bool):
     import torchvision
 
     split = "train" if train else "test"
-    _require("svhn", [root / "train_32x32.mat", root / "test_32x32.mat"],
-             f"Get them with: curl -L -o {root}/train_32x32.mat http://ufldl.stanford.edu/housenumbers/"
-             f"train_32x32.mat (and test_32x32.mat likewise); reading them needs scipy")
-    return torchvision.datasets.SVHN(str(root), split=split, download=False)
+    how = (f"Get them with: curl -L -o {root}/train_32x32.mat http://ufldl.stanford.edu/housenumbers/"
+           f"train_32x32.mat (and test_32x32.mat likewise); reading them needs scipy")
+    _require("svhn", [root / "train_32x32.mat", root / "test_32x32.mat"], how)
+    _, filename, md5 = torchvision.datasets.SVHN.split_list[split]
+    return _open("svhn", partial(torchvision.datasets.SVHN, str(root), split=split, download=False),
+                 [(root / filename, md5)], how)
 
 
 def _stl10(root: Path, train: bool):
     import torchvision
 
     folder = root / "stl10_binary"
-    _require("stl10", [folder / f for f in _STL_FILES],
-             f"Get them with: mkdir -p {root} && curl -L "
-             f"http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz | tar xz -C {root}")
-    return torchvision.datasets.STL10(str(root), split="train" if train else "test", download=False)
+    how = (f"Get them with: mkdir -p {root} && curl -L "
+           f"http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz | tar xz -C {root}")
+    _require("stl10", [folder / f for f in _STL_FILES], how)
+    sums = [(folder / f, md5) for f, md5 in torchvision.datasets.STL10.train_list
+            + torchvision.datasets.STL10.test_list]
+    split = "train" if train else "test"
+    return _open("stl10", partial(torchvision.datasets.STL10, str(root), split=split, download=False), sums,
+                 how)
+
+
+_IMAGENET_HOW = ("Expected ImageFolder layout: DATA_DIR/train/<class>/*.JPEG and DATA_DIR/val/<class>/*.JPEG "
+                 "(ILSVRC-2012 from https://image-net.org, validation images sorted into class folders)")
 
 
 def _imagenet(root: Path, train: bool):
     import torchvision
 
     folder = root / ("train" if train else "val")
-    _require("imagenet", [root / "train", root / "val"],
-             "Expected ImageFolder layout: DATA_DIR/train/<class>/*.JPEG and DATA_DIR/val/<class>/*.JPEG "
-             "(ILSVRC-2012 from https://image-net.org, validation images sorted into class folders)")
-    return torchvision.datasets.ImageFolder(str(folder))
+    _require("imagenet", [root / "train", root / "val"], _IMAGENET_HOW)
+    try:
+        return torchvision.datasets.ImageFolder(str(folder), loader=_read_image)
+    except OSError as exc:
+        raise DatasetError(f"imagenet: {folder}: {str(exc).splitlines()[0]} {_IMAGENET_HOW}") from None
+
+
+def _read_image(path: str):
+    """An RGB PIL image; DatasetError naming the file if it is not a readable image."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DatasetError(f"imagenet: cannot read the image {path} ({type(exc).__name__}); replace or "
+                           "remove it") from None
 
 
 class TensorImages(Dataset):
@@ -223,14 +279,27 @@ def build_datasets(name: str, data_dir: str | Path, train_transform: bool = True
         train, test = make(True), make(False)
         from_tensor = True
     else:
+        if root.exists() and not root.is_dir():
+            raise DatasetNotFoundError(f"data_dir: {root} is a file, not a folder; pass the folder that "
+                                       f"holds the {name} files with --data-dir")
         make = {"cifar10": _cifar10, "svhn": _svhn, "stl10": _stl10, "imagenet": _imagenet}[name]
         train, test = make(root, True), make(root, False)
         from_tensor = False
         if name == "imagenet":
+            _check_same_classes(root, train.classes, test.classes)
             info = DatasetInfo(info.name, len(train.classes), info.image_size, info.mean, info.std)
+        train[0], test[0]  # reads one sample of each split now, not in the middle of an epoch
     train_set = SeededAugment(train, _transforms(info, train_transform, from_tensor))
     test_set = SeededAugment(test, _transforms(info, False, from_tensor))
     return train_set, test_set, info
+
+
+def _check_same_classes(root: Path, train: list[str], test: list[str]) -> None:
+    if train != test:
+        only = sorted(set(train) ^ set(test))[:3]
+        raise DatasetError(f"imagenet: {root}/train has {len(train)} class folders and {root}/val has "
+                           f"{len(test)}, not the same ones (e.g. {', '.join(only)}); labels would not "
+                           "match. Both must hold the same class folders")
 
 
 class ShardSampler(Sampler):

@@ -4,11 +4,14 @@ evaluation, a metrics row and an atomic checkpoint.
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import random
+import re
+import shlex
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +29,10 @@ from mlaan_fast.runtime.distributed import (
     sum_across,
 )
 from mlaan_fast.train import checkpoint as ckpt
-from mlaan_fast.train.config import TrainConfig, format_config, save_yaml
+from mlaan_fast.train.config import TrainConfig, check_device_name, format_config, save_yaml
 from mlaan_fast.train.data import build_datasets, build_loaders, check_labels, steps_per_epoch
 from mlaan_fast.train.metrics import MetricsLog, format_bytes, summarize, write_summary
+from mlaan_fast.train.runfolder import RunFolder, describe_os_error
 
 
 class TrainingDiverged(RuntimeError):
@@ -44,14 +48,46 @@ class RunResult:
     summary: dict
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; ``checkpoint`` is what resumes it (None: nothing saved yet)."""
+
+    def __init__(self, run_dir: Path | None, checkpoint: Path | None):
+        super().__init__()
+        self.run_dir, self.checkpoint = run_dir, checkpoint
+
+
 def pick_device(name: str) -> torch.device:
-    """'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'; ValueError if CUDA is absent."""
+    """'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'; ValueError if the name is unknown
+    or the device absent."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {name!r} requested but no CUDA device is available (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {name!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return device
+
+
+def check_backend_env(device: torch.device) -> None:
+    """Refuse (ValueError) an MLAAN_FAST_BACKEND naming no backend, or one that cannot run on ``device``."""
+    from mlaan_fast.ops import BACKENDS, BackendUnavailableError, select_backend, use_backend
+    from mlaan_fast.ops._backend import ENV_VAR
+
+    if not os.environ.get(ENV_VAR):
+        return
+    try:
+        select_backend(ENV_VAR, device)
+    except (ValueError, BackendUnavailableError) as exc:
+        usable = []
+        for name in BACKENDS:
+            with use_backend(name):
+                with suppress(BackendUnavailableError):
+                    usable.append(select_backend(ENV_VAR, device))
+        raise ValueError(f"{exc}; unset {ENV_VAR} or set it to one of: {', '.join(usable)} "
+                         f"(on {device.type})") from None
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -210,12 +246,20 @@ def evaluate(model, loader, device, amp: str = "off", channels_last: bool = Fals
     return loss / max(seen, 1), 100.0 * correct / max(seen, 1)
 
 
-def choose_run_dir(cfg: TrainConfig, resume: str | None) -> Path:
-    """``--out`` if given; on resume the checkpoint's folder; else a fresh ``runs/<dataset>-<arch>-...``."""
+def checkpoint_folder(resume: str | Path) -> Path:
+    """The folder a checkpoint lives in (``resume`` itself when it names a folder)."""
+    path = Path(resume)
+    return path if path.is_dir() else path.parent
+
+
+def choose_run_dir(cfg: TrainConfig, resume: str | None, state: dict | None = None) -> Path:
+    """On resume the checkpoint's own folder, wherever it now lives (unless ``cfg.out`` was changed from
+    the checkpoint's ``state``); else ``--out`` if given, or a fresh ``runs/<dataset>-<arch>-...``."""
+    saved_out = state["config"].get("out") if state is not None else None
+    if resume and (not cfg.out or cfg.out == saved_out):
+        return checkpoint_folder(resume)
     if cfg.out:
         return Path(cfg.out)
-    if resume:
-        return Path(resume).parent if Path(resume).suffix == ".pt" else Path(resume)
     base = Path("runs") / f"{cfg.dataset}-{cfg.arch}-{cfg.method.replace('+', '_')}-K{cfg.K}"
     path, n = base, 1
     while (path / "last.pt").exists():
@@ -224,27 +268,45 @@ def choose_run_dir(cfg: TrainConfig, resume: str | None) -> Path:
     return path
 
 
+def claim_run_dir(run_dir: Path, resume: str | None) -> RunFolder:
+    """Create, probe and lock ``run_dir``; refuse a folder holding another run (FileExistsError)."""
+    folder = RunFolder(run_dir)
+    continuing = resume is not None and checkpoint_folder(resume).resolve() == run_dir.resolve()
+    if not continuing and (run_dir / "last.pt").exists():
+        folder.release()
+        raise FileExistsError(f"{run_dir} already holds a run (last.pt); continue it with --resume "
+                              f"{run_dir / 'last.pt'} or choose another --out")
+    return folder
+
+
 def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
           stop_after: int | None = None) -> RunResult:
     """Run (or continue, given a checkpoint path ``resume``) the training ``cfg`` describes.
 
     ``stop_after``: leave after that many completed epochs (the schedule still spans ``cfg.epochs``).
+    Bad settings, data and checkpoints are refused before the first epoch, leaving no run folder behind
+    (nor changing an existing one); the folder is locked against a second trainer while this one runs.
     """
     device = pick_device(cfg.device)
+    check_backend_env(device)
     dist_info = init_distributed(device.type)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
     main = dist_info.is_main
     say = print if verbose and main else (lambda *a, **k: None)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
+    run_dir = folder = None
+    training = False  # until the first epoch starts, a failure removes a run folder this call created
     try:
+        state = ckpt.load_checkpoint(resume) if resume else None
+        run_dir = choose_run_dir(cfg, resume, state)
+        folder = claim_run_dir(run_dir, resume) if main else None
         seed_everything(cfg.seed, cfg.deterministic)
         train_set, test_set, info = build_datasets(cfg.dataset, cfg.data_dir)
         model = build_for_config(cfg, info.num_classes, device, info)
-        state = ckpt.load_checkpoint(resume) if resume else None
         if state is not None:
             ckpt.check_compatible(state, model.config, cfg.to_dict(), path=str(resume))
-            model.load_state_dict(state["model"])
+            ckpt.load_model_state(model, state, resume)
         broadcast_state(model)
         if cfg.compile:
             model.compile_modules()
@@ -253,10 +315,6 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
         # Every batch's labels are checked on the host (_to_device): the fused heads need not sync.
         step_fn = make_step(model, overlap=cfg.overlap, amp_dtype=AMP_DTYPES[cfg.amp], check_targets=False,
                             cuda_graphs=cfg.cuda_graphs)
-        run_dir = choose_run_dir(cfg, resume)
-        if state is None and (run_dir / "last.pt").exists():
-            raise FileExistsError(f"{run_dir} already holds a run (last.pt); continue it with --resume "
-                                  f"{run_dir / 'last.pt'} or choose another --out")
         cfg.out = str(run_dir)
         loader, sampler, test_loader = build_loaders(train_set, test_set, cfg.batch_size, cfg.seed,
                                                      cfg.workers, dist_info.rank, dist_info.world,
@@ -267,13 +325,12 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
         scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
         start_epoch, best_acc = 0, -1.0
         if state is not None:
-            ckpt.restore_training_state(state, optimizer, scheduler, scaler, sampler)
+            ckpt.restore_training_state(state, optimizer, scheduler, scaler, sampler, path=resume)
             start_epoch, best_acc = state["epoch"], state["best_acc"]
         if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_yaml(cfg, run_dir / "config.yaml")
-            metrics = MetricsLog(run_dir)
-            metrics.keep_epochs_before(start_epoch + 1)
+            _write_config(cfg, run_dir)
+            metrics = _metrics_for(run_dir, state)
+        training = True
         n_params = sum(p.numel() for p in model.inference_parameters())
         say(f"mlaan-fast train: {cfg.arch} {cfg.method} K={cfg.K} on {cfg.dataset} ({len(train_set)} train / "
             f"{len(test_set)} test images), device {device}, {dist_info.world} process(es), "
@@ -296,14 +353,12 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
                 f"{row['epoch_time_s']:.1f}s  "
                 f"{row['images_per_s']:.0f} img/s  peak mem {format_bytes(row['peak_bytes'])} "
                 f"({row['peak_kind'].replace('_', ' ')})")
+            _check_epoch_state(model, optimizer, test_loss, epoch, test_loader, device, cfg)
             if main:
-                metrics.append(row)
                 improved, best_acc = test_acc > best_acc, max(best_acc, test_acc)
                 state = ckpt.training_state(cfg, model, optimizer, scheduler, scaler, sampler, epoch + 1,
-                                            (epoch + 1) * steps, best_acc, test_acc)
-                ckpt.save_checkpoint(state, run_dir / "last.pt")
-                if improved:
-                    ckpt.save_checkpoint(state, run_dir / "best.pt")
+                                            (epoch + 1) * steps, best_acc, test_acc, metrics.rows + [row])
+                _save_epoch(run_dir, state, improved, metrics, row)
 
         summary = {}
         if main:
@@ -316,6 +371,130 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
                     f"{summary['final_test_acc']:.2f}%, {summary['train_time_s']:.1f}s training; wrote "
                     f"config.yaml, metrics.jsonl, metrics.csv, summary.json, last.pt, best.pt in {run_dir}")
         return RunResult(model, run_dir, summary)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(run_dir, _resumable(run_dir, resume)) from None
     finally:
+        if folder is not None and training:
+            folder.release()
+        elif folder is not None:
+            folder.discard()
         torch.use_deterministic_algorithms(was_deterministic)
         close_distributed()
+
+
+def _write_config(cfg: TrainConfig, run_dir: Path) -> None:
+    """``run_dir/config.yaml``, written atomically (a full disk leaves the previous one)."""
+    path = run_dir / "config.yaml"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_yaml(cfg, tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
+def _metrics_for(run_dir: Path, state: dict | None) -> MetricsLog:
+    """The run's metrics log, made to agree with the checkpoint it continues from: the checkpoint's own
+    rows where it has them (a crash between checkpoint and metrics, a torn or lost file), else the
+    file's rows up to the checkpoint's epoch."""
+    if state is None or "metrics" in state:
+        log = MetricsLog(run_dir, rows=[])
+        log.replace(state["metrics"] if state is not None else [])
+        return log
+    log = MetricsLog(run_dir)
+    log.keep_epochs_before(state["epoch"] + 1)
+    return log
+
+
+def _save_epoch(run_dir: Path, state: dict, improved: bool, metrics: MetricsLog, row: dict) -> None:
+    """best.pt (if ``improved``), then last.pt, then the metrics row: an epoch whose checkpoint failed is
+    not recorded, and a crash after the checkpoint leaves its rows in it for the resume to restore."""
+    epoch = state["epoch"]
+    paths = ([run_dir / "best.pt"] if improved else []) + [run_dir / "last.pt"]
+    try:
+        ckpt.save_checkpoint(state, *paths)
+    except ckpt.CheckpointWriteError as exc:
+        hint = _resume_hint(run_dir, exc.errno)
+        raise ckpt.CheckpointWriteError(f"epoch {epoch} was not saved: {exc}; {hint}", exc.errno) from None
+    try:
+        metrics.append(row)
+    except OSError as exc:
+        hint = _resume_hint(run_dir, exc.errno)
+        raise ckpt.CheckpointWriteError(f"epoch {epoch} is saved in {run_dir / 'last.pt'} but its metrics "
+                                        f"could not be written ({describe_os_error(exc)}); {hint} (the "
+                                        "resume rewrites them)", exc.errno) from None
+
+
+def _resume_hint(run_dir: Path, error: int | None) -> str:
+    fix = "free some space" if error == errno.ENOSPC else "fix that"
+    last = run_dir / "last.pt"
+    if last.exists():
+        return f"{fix}, then resume with: mlaan-fast train --resume {shlex.quote(str(last))}"
+    return f"{fix}, then run the same command again"
+
+
+def _resumable(run_dir: Path | None, resume: str | None) -> Path | None:
+    """The checkpoint that continues an interrupted run: its folder's last.pt, else the one it resumed."""
+    if run_dir is not None and (run_dir / "last.pt").is_file():
+        return run_dir / "last.pt"
+    return Path(resume) if resume else None
+
+
+_MODULE_KEY = re.compile(r"(?:local_modules|ind_heads|casc_heads|lams)\.(\d+)\.")
+
+
+def _where(name: str, num_modules: int) -> str:
+    """'module J (name)' for a state-dict name, 'the EMA shadows (name)' for a shadow."""
+    match = _MODULE_KEY.match(name)
+    if match:
+        return f"module {match[1]} ({name})"
+    if name.startswith("fc."):
+        return f"module {num_modules - 1} ({name})"
+    return f"the EMA shadows ({name})" if "shadow" in name else name
+
+
+def _nonfinite_state(model, optimizer) -> list[str]:
+    """Where the model's weights, buffers and shadows, then the optimizer's state, hold NaN or inf."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    for name, p in model.named_parameters():
+        for slot, v in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+                bad.append(f"{name} [optimizer {slot}]")
+    return [_where(name, model.num_modules) for name in bad]
+
+
+def _check_epoch_state(model, optimizer, test_loss: float, epoch: int, test_loader, device, cfg) -> None:
+    """TrainingDiverged if the state after ``epoch`` holds NaN/inf or its test loss is not finite: such a
+    state is never saved, as last.pt or best.pt."""
+    bad = _nonfinite_state(model, optimizer)
+    if not bad and math.isfinite(test_loss):
+        return
+    if bad:
+        also = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        what = f"non-finite values in {bad[0]}{also}"
+    else:
+        module = _first_nonfinite_module(model, test_loader, device, cfg)
+        where = f", first seen in the output of module {module}" if module is not None else ""
+        what = f"non-finite test loss ({test_loss}){where}"
+    raise TrainingDiverged(f"training diverged at epoch {epoch + 1}: {what}; nothing was saved over the last "
+                           "checkpoint; try a smaller --lr or a longer --warmup-epochs")
+
+
+@torch.inference_mode()
+def _first_nonfinite_module(model, loader, device, cfg) -> int | None:
+    """The first backbone module (the classifier counts as the last) whose output on the first test batch
+    holds NaN or inf."""
+    images, _ = next(iter(loader))
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    x = images.to(device, memory_format=fmt)
+    with autocast(device, cfg.amp):
+        for j, module in enumerate(model.local_modules):
+            x = module(x)
+            if not torch.isfinite(x).all():
+                return j
+        logits = model.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+    return model.num_modules - 1 if not torch.isfinite(logits).all() else None

@@ -3,42 +3,53 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
+from mlaan_fast.train.runfolder import atomic_write_text
+
 
 class MetricsLog:
-    """Appends one row per epoch to ``run_dir/metrics.jsonl`` and rewrites ``metrics.csv`` from it."""
+    """One row per epoch in ``run_dir/metrics.jsonl`` (and ``metrics.csv``), rewritten whole and atomically
+    on every change: a crash leaves the previous file or the new one, never a torn line."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, rows: list[dict] | None = None):
         self.run_dir = Path(run_dir)
         self.jsonl = self.run_dir / "metrics.jsonl"
         self.csv = self.run_dir / "metrics.csv"
-        self.rows = read_metrics(self.run_dir) if self.jsonl.exists() else []
+        if rows is None:
+            rows = read_metrics(self.run_dir) if self.jsonl.exists() else []
+        self.rows = list(rows)
 
     def keep_epochs_before(self, epoch: int) -> None:
         """Forget rows of epochs >= ``epoch`` (a resumed run rewrites them)."""
         self.rows = [r for r in self.rows if r["epoch"] < epoch]
         self._rewrite()
 
+    def replace(self, rows: list[dict]) -> None:
+        """Make ``rows`` the whole log (a resumed run takes them from its checkpoint)."""
+        self.rows = list(rows)
+        self._rewrite()
+
     def append(self, row: dict) -> None:
+        """Add one epoch's row; ValueError (and nothing written) if it holds NaN or inf."""
+        json.dumps(row, allow_nan=False)
         self.rows.append(row)
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        self._write_csv()
+        self._rewrite()
 
     def _rewrite(self) -> None:
-        with open(self.jsonl, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        atomic_write_text(self.jsonl, "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.rows))
         self._write_csv()
 
     def _write_csv(self) -> None:
         flat = [_flatten(r) for r in self.rows]
         columns = list(dict.fromkeys(k for r in flat for k in r))
-        with open(self.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(flat)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(flat)
+        atomic_write_text(self.csv, text.getvalue())
 
 
 def _flatten(row: dict) -> dict:
@@ -53,12 +64,34 @@ def _flatten(row: dict) -> dict:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The rows of ``run_dir/metrics.jsonl``; FileNotFoundError naming the file if absent."""
+    """The rows of ``run_dir/metrics.jsonl``, skipping a torn (half-written) last line;
+    FileNotFoundError naming the file if absent, ValueError naming the line if another is damaged."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics here (is {run_dir} a run folder of mlaan-fast train?)")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot be read ({exc})") from None
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(numbered):
+        row = _parse_row(line)
+        if row is None and i == len(numbered) - 1:
+            break  # torn by a crash while it was written: that epoch is not recorded
+        if row is None:
+            raise ValueError(f"{path}, line {n}: not a metrics row ({line[:60]!r}); "
+                             "restore the file or delete that line")
+        rows.append(row)
+    return rows
+
+
+def _parse_row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("epoch"), int) else None
 
 
 def summarize(rows: list[dict], **about) -> dict:
@@ -74,10 +107,8 @@ def summarize(rows: list[dict], **about) -> dict:
 
 
 def write_summary(run_dir: str | Path, summary: dict) -> None:
-    """Write ``run_dir/summary.json``."""
-    with open(Path(run_dir) / "summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
+    """Write ``run_dir/summary.json`` (atomically)."""
+    atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
 def format_bytes(n: int | None) -> str:
