@@ -5,6 +5,8 @@ Backward: one program per sample for d(features); d(weight), d(bias) from tiles 
 (classes x channels) over batch splits, each split's partial summed in a fixed order.
 The class dimension may be tiny (N = 2, 10), so products use broadcast-multiply + ``tl.sum``.
 A target outside [0, N) that reaches a kernel (unchecked) gives a NaN loss and NaN gradients.
+Loops run to runtime bounds (``range(0, HW, BLOCK_HW)``); under TRITON_INTERPRET=1 with triton <= 3.6
+and numpy >= 2.4 that needs the interpreter-only fix in ``_interpreter.py`` (installed by the package).
 """
 from __future__ import annotations
 
