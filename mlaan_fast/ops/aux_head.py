@@ -16,7 +16,7 @@ target gives a NaN loss and NaN gradients, never a number.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -224,7 +224,7 @@ def _forward_fake(features, weight, bias, target, label_smoothing, *, check_targ
 @torch.library.custom_op("mlaan_fast::aux_head_fused_backward_input", mutates_args=())
 def _fused_backward_input(grad_losses: torch.Tensor, grad_logits: Optional[torch.Tensor], logits: torch.Tensor,
                           lse: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, label_smoothing: float,
-                          features_shape: list[int], features_dtype: torch.dtype, channels_last: bool,
+                          features_shape: List[int], features_dtype: torch.dtype, channels_last: bool,
                           backend: str, check_target: bool = True) -> torch.Tensor:
     """-> d(features) of shape ``features_shape`` in ``features_dtype`` (channels_last or contiguous)."""
     return _backward_input_impl(grad_losses, grad_logits, logits, lse, weight, target, label_smoothing,

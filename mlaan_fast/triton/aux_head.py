@@ -70,7 +70,8 @@ def _aux_head_forward_kernel(
         run_max = new_max
         z_sum += tl.where(mask_n, z, 0.0)
         z_t += tl.where(offs_n == t, z, 0.0)
-        nonfinite += tl.where(mask_n & ~(tl.abs(z) < float("inf")), 1, 0)
+        # not `~(finite)`: triton 3.2's interpreter cannot invert a boolean (no int1 type in its builder)
+        nonfinite += tl.where(tl.abs(z) < float("inf"), 0, tl.where(mask_n, 1, 0))
     row_max = tl.max(run_max, axis=0)
     total = tl.sum(run_sum * tl.exp(run_max - row_max), axis=0)
     lse = row_max + tl.log(total)
