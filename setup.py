@@ -11,6 +11,7 @@ import glob
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -64,7 +65,23 @@ def want_cuda(cuda_home):
 
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} is a CPU-only build"
+    toolkit = toolkit_version(cuda_home)
+    if toolkit and toolkit.split(".")[0] != torch.version.cuda.split(".")[0]:
+        # torch.utils.cpp_extension refuses to mix CUDA major versions.
+        return False, (f"the toolkit at {cuda_home} is CUDA {toolkit}, torch {torch.__version__} was built with "
+                       f"CUDA {torch.version.cuda} (set CUDA_HOME to a CUDA {torch.version.cuda.split('.')[0]} toolkit)")
     return True, f"toolkit at {cuda_home}"
+
+
+def toolkit_version(cuda_home):
+    """'13.0' from the toolkit's nvcc, or None if it cannot be read."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
 
 
 # torch.utils.cpp_extension reads CUDA_HOME when it is imported: settle it first.

@@ -1,5 +1,6 @@
 """Backend discovery, forcing (context manager and environment variable) and the `mlaan-fast info` report."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -176,9 +177,19 @@ def _env():
     return {k: v for k, v in os.environ.items() if k != _backend.ENV_VAR}
 
 
+def _nvcc_major():
+    """The CUDA major version of the nvcc on PATH ('13'), or None."""
+    out = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release (\d+)\.", out)
+    return m.group(1) if m else None
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None or torch.version.cuda is None
                     or os.environ.get("MLAAN_FAST_SKIP_CUDA") == "1",
                     reason="no nvcc on PATH or a CPU-only torch: the CUDA sources are not built here")
+@pytest.mark.skipif(shutil.which("nvcc") is not None and torch.version.cuda is not None
+                    and _nvcc_major() != torch.version.cuda.split(".")[0],
+                    reason="nvcc and torch are of different CUDA major versions: setup.py skips the CUDA sources")
 def test_cuda_sources_were_compiled_where_nvcc_exists():
     """Where a toolkit exists the build must include kernels/*.cu (a broken .cu then fails the build)."""
     import mlaan_fast._C as ext

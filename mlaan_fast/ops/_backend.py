@@ -75,7 +75,8 @@ def _probe_backends(interpreted: bool, cuda_visible: bool) -> tuple[tuple[str, t
     if module is None:
         out["cuda"] = (False, why)
     elif not extension_has_cuda():
-        out["cuda"] = (False, "mlaan_fast._C was built without CUDA kernels (no toolkit, or MLAAN_FAST_SKIP_CUDA=1)")
+        out["cuda"] = (False, "mlaan_fast._C was built without CUDA kernels (no toolkit, a toolkit of another CUDA "
+                              "major version than torch's, or MLAAN_FAST_SKIP_CUDA=1; the build printed which)")
     elif not cuda_visible:
         out["cuda"] = (False, "CUDA kernels are built but no CUDA device is visible")
     else:

@@ -6,6 +6,8 @@ Backward: one program per sample for d(features); d(weight), d(bias) from tiles 
 The class dimension may be tiny (N = 2, 10), so products use broadcast-multiply + ``tl.sum``.
 A target outside [0, N) that reaches a kernel gives a NaN loss and NaN gradients: the range
 check, where wanted, is the caller's.
+Loops run to runtime bounds (``range(0, HW, BLOCK_HW)``); under TRITON_INTERPRET=1 with triton <= 3.6
+and numpy >= 2.4 that needs the interpreter-only fix in ``_interpreter.py`` (installed by the package).
 """
 from __future__ import annotations
 
@@ -68,7 +70,8 @@ def _aux_head_forward_kernel(
         run_max = new_max
         z_sum += tl.where(mask_n, z, 0.0)
         z_t += tl.where(offs_n == t, z, 0.0)
-        nonfinite += tl.where(mask_n & ~(tl.abs(z) < float("inf")), 1, 0)
+        # not `~(finite)`: triton 3.2's interpreter cannot invert a boolean (no int1 type in its builder)
+        nonfinite += tl.where(tl.abs(z) < float("inf"), 0, tl.where(mask_n, 1, 0))
     row_max = tl.max(run_max, axis=0)
     total = tl.sum(run_sum * tl.exp(run_max - row_max), axis=0)
     lse = row_max + tl.log(total)
