@@ -4,12 +4,14 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlaan_fast.models import compiled
 from mlaan_fast.models.archs import build_backbone, get_arch
 from mlaan_fast.models.heads import head_loss, make_head
 from mlaan_fast.models.plan import lam_lists, split
@@ -122,6 +124,7 @@ class LocalModel(nn.Module):
                 self.casc_heads[str(w.index)] = make_head(spec.head, cascade_width, num_classes,
                                                           module_index=w.index, **head)
         self.check_targets = True  # see set_target_checks
+        self._compiled = False  # see compile_modules
         self.shadow_bank = self.frozen_shadow_bank = None
         self.shadow_positions: list = []  # live block (stage, block) that shadow i follows
         if self.use_lam:
@@ -240,7 +243,8 @@ class LocalModel(nn.Module):
         Returns {"loss": 0-dim total, "module_losses": [0-dim per module, 0 where a module has no
         objective of its own], "logits": final logits [B,N]}, all detached.
         """
-        return self.schedule(self, images, targets, grad_scaler)
+        with compiled.compiled_step() if self._compiled else nullcontext():
+            return self.schedule(self, images, targets, grad_scaler)
 
     @torch.no_grad()
     def update_shadows(self) -> None:
@@ -248,10 +252,11 @@ class LocalModel(nn.Module):
         if self.shadow_bank is not None:
             self.shadow_bank.update()
 
-    def compile_modules(self, **kwargs) -> None:
-        """Wrap each backbone module's forward in torch.compile(**kwargs) (module hooks stay outside)."""
-        for module in self.local_modules:
-            module.forward = torch.compile(module.forward, **kwargs)
+    def compile_modules(self, parts=compiled.PARTS, **kwargs) -> None:
+        """torch.compile(**kwargs) the training-mode forward of every backbone module, LAM and auxiliary
+        head (``parts``: a subset of ("modules", "lams", "heads")); see :mod:`mlaan_fast.models.compiled`."""
+        compiled.compile_parts(self, parts, **kwargs)
+        self._compiled = True
 
 
 def build_model(arch: str, num_classes: int = 10, K: int | None = None, method: str = "mlaan",
