@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
 PROVENANCE = ("device", "torch", "triton", "date", "commit")
 METHOD_ORDER = ["e2e", "dgl", "infopro", "mlaan", "dgl+mlaan", "infopro+mlaan"]
-VARIANT_ORDER = ["straightforward", "fused", "scheduled"]
+VARIANT_ORDER = ["straightforward", "fused", "scheduled", "compiled", "graphed"]
 SHAPE = re.compile(r"(?P<arch>\S+) K=(?P<K>\d+) B=(?P<B>\d+) (?P<dtype>\S+)")
 
 
@@ -88,6 +88,7 @@ def render_train_step(rows: list[dict]) -> list[str]:
         meta = dict(zip(PROVENANCE, key))
         out += [f"Training step, batch {key[-2]}, {key[-1]}: {_heading(meta)}", ""]
         has_cuda = any(r["metric"] == "cuda_max_allocated" for r in group)
+        has_compile = any(r["metric"] == "compile_time" for r in group)
         header = [
             "arch",
             "K",
@@ -102,6 +103,7 @@ def render_train_step(rows: list[dict]) -> list[str]:
         ]
         header += ["CUDA max allocated MiB"] if has_cuda else []
         header += ["total memory MiB"]
+        header += ["compile s", "speed × eager"] if has_compile else []
         out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         cells: dict[tuple, dict[str, dict]] = {}
         for r in group:
@@ -134,13 +136,16 @@ def render_train_step(rows: list[dict]) -> list[str]:
             ]
             line += [get("cuda_max_allocated")] if has_cuda else []
             line += [get("total_memory")]
+            line += [get("compile_time"), get("speedup_vs_eager")] if has_compile else []
             out.append("| " + " | ".join(line) + " |")
         out += [
             "",
             "saved-activation peak: `mlaan_fast.profiling.ActivationMeter` (bytes saved for backward, "
             "parameters and buffers excluded); CUDA max allocated: `torch.cuda.max_memory_allocated` over "
             "one step; total: parameters + gradients + optimizer state + buffers + saved-activation peak. "
-            "Ratios are between numbers of the same run on the same device.",
+            + ("compile s: the compiled variant's first step less its median step; speed × eager: against "
+               "the same step run eagerly (scheduled, or fused for e2e). " if has_compile else "")
+            + "Ratios are between numbers of the same run on the same device.",
             "",
         ]
     return out
