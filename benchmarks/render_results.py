@@ -1,7 +1,7 @@
 """Render the benchmark CSVs as markdown tables: the README's "Performance" section, generated.
 
 Every table is headed by the device, torch/triton versions, date and commit of its numbers;
-nothing is typed by hand. Only the newest row per (device, op, provider, shape, metric) is shown.
+nothing is typed by hand. A run whose every row a later run measured again is not shown.
 
   python benchmarks/render_results.py                      # print markdown for benchmarks/results/*.csv
   python benchmarks/render_results.py --results DIR --out summary.md
@@ -26,14 +26,19 @@ SHAPE = re.compile(r"(?P<arch>\S+) K=(?P<K>\d+) B=(?P<B>\d+) (?P<dtype>\S+)")
 
 
 def read_rows(paths: list[str]) -> list[dict]:
-    """All rows of the CSVs, newest kept per (device, op, provider, shape, metric), file order kept."""
+    """The rows of every run (device, versions, date, commit) that holds a row no later run measured
+    again; newest per (device, op, provider, shape, metric) within a run; file order kept."""
     newest: dict[tuple, dict] = {}
+    per_run: dict[tuple, dict] = {}
     for path in paths:
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
                 r["_file"] = os.path.basename(path)
-                newest[(r.get("device"), r.get("op"), r.get("provider"), r.get("shape"), r.get("metric"))] = r
-    return list(newest.values())
+                key = (r.get("device"), r.get("op"), r.get("provider"), r.get("shape"), r.get("metric"))
+                newest[key] = r
+                per_run[tuple(r.get(k, "") for k in PROVENANCE) + key] = r
+    shown = {tuple(r.get(k, "") for k in PROVENANCE) for r in newest.values()}
+    return [r for k, r in per_run.items() if k[: len(PROVENANCE)] in shown]
 
 
 def _num(text: str, digits: int = 3) -> str:
