@@ -283,8 +283,9 @@ def compile_counts() -> dict:
     """Graphs dynamo compiled so far in this process, and inductor's cache hits and misses."""
     from torch._dynamo.utils import counters
 
-    return {"graphs": counters["stats"]["unique_graphs"], "cache_hits": counters["inductor"]["fxgraph_cache_hit"],
-            "cache_misses": counters["inductor"]["fxgraph_cache_miss"]}
+    inductor = counters["inductor"]
+    return {"graphs": counters["stats"]["unique_graphs"], "cache_hits": inductor["fxgraph_cache_hit"],
+            "cache_misses": inductor["fxgraph_cache_miss"]}
 
 
 def _release(device) -> None:

@@ -1,6 +1,6 @@
 """torch.compile for a LocalModel's training step: what is compiled, and the setting it runs under.
 
-Each part (a backbone module; a LAM or an auxiliary head if asked) gets a compiled forward of its
+Each part (a backbone module, a LAM, an auxiliary head: see PARTS) gets a compiled forward of its
 own, used in training mode; in eval mode the part runs eagerly (evaluation would compile a second
 set of graphs, and more for a last partial batch). Module hooks stay outside.
 
@@ -23,9 +23,9 @@ PARTS = ("modules", "lams", "heads")
 def _own_code(fn):
     """A function calling ``fn`` whose code object is its own.
 
-    Dynamo keeps one cache per code object and runs a function eagerly once that cache holds
-    ``recompile_limit`` (8) entries: a model's modules share ``nn.Sequential.forward``, so
-    compiled alike, only the first eight distinct ones would be compiled."""
+    Dynamo keeps one cache per code object, and a model's modules share ``nn.Sequential.forward``:
+    compiled alike, they would get graphs for dynamic shapes, and past ``recompile_limit`` (8)
+    entries the remaining ones would run eagerly."""
 
     def call(*args, **kwargs):
         return fn(*args, **kwargs)
@@ -34,6 +34,7 @@ def _own_code(fn):
 
 
 def _compiled_forward(module: nn.Module, **kwargs):
+    """``module``'s forward, compiled in training mode and eager in eval mode."""
     eager = module.forward
     compiled = torch.compile(_own_code(eager), **kwargs)
 
