@@ -11,6 +11,11 @@ A step is ``model.local_step`` (every local forward/backward of the iteration) +
   EMA launch (``model.update_shadows()``).
 * ``scheduled``: ``fused`` plus the forward-once window scheduler (``schedule="once"``); only for
   methods with cascade windows.
+* ``compiled``: ``scheduled`` (``fused`` for methods without cascade windows) with every
+  backbone module, LAM and auxiliary head compiled by ``torch.compile`` (default backend, inductor;
+  ``LocalModel.compile_modules``); for e2e and the methods with cascade windows, and only for the
+  first (arch, K) pair, measured last (see :func:`plan`). ``compile_time`` is the wall time of its
+  first step less the median timed step; the timed steps compile nothing (checked).
 * ``graphed`` (GPU only): ``scheduled`` with ``overlap=True`` (heads on a second stream) and the
   whole ``local_step`` replayed from a CUDA graph (:class:`mlaan_fast.runtime.GraphedLocalStep`);
   for e2e and the methods with cascade windows. Its memory numbers are those of an eager step
@@ -56,13 +61,15 @@ from mlaan_fast.profiling import ActivationMeter  # noqa: E402
 # The issue's (arch, K) pairs, most telling first so a short budget still covers the claims.
 CONFIGS = [("resnet32", 16), ("resnet110", 55), ("resnet32", 8), ("resnet110", 32)]
 METHODS = ["e2e", "mlaan", "dgl+mlaan", "infopro+mlaan", "dgl", "infopro"]
-VARIANTS = ["straightforward", "fused", "scheduled", "graphed"]
+VARIANTS = ["straightforward", "fused", "scheduled", "compiled", "graphed"]
 VARIANT_OPTIONS = {
     "straightforward": dict(schedule="straightforward", fused=False, share_shadows=False),
     "fused": dict(schedule="straightforward", fused=True, share_shadows=True),
     "scheduled": dict(schedule="once", fused=True, share_shadows=True),
-    "graphed": dict(schedule="once", fused=True, share_shadows=True, overlap=True),
+    "compiled": dict(schedule="once", fused=True, share_shadows=True),
+    "graphed": dict(schedule="once", fused=True, share_shadows=True),
 }
+EAGER_TWIN = {"compiled": ("scheduled", "fused")}  # the eager variant a compiled step is compared with
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -136,7 +143,8 @@ def build(arch: str, K: int, method: str, variant: str, device: torch.device):
         arch, num_classes=10, K=1 if method == "e2e" else K, method=method, **VARIANT_OPTIONS[variant]
     )
     model = model.to(device).train()
-    model.set_target_checks(False)  # as the trainer runs it: labels checked on the host, no device sync
+    if variant == "compiled":
+        model.compile_modules()
     if variant == "straightforward":
         ema = _loop_ema(_shadows(model))
     else:
@@ -147,17 +155,12 @@ def build(arch: str, K: int, method: str, variant: str, device: torch.device):
 def make_step(model, ema, images, targets, autocast_dtype, device, graphed=False):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4, foreach=True)
-    if graphed:
-        from mlaan_fast.runtime import GraphedLocalStep
+    # As the trainer runs it: labels checked on the host (no device sync), autocast applied by the step.
+    from mlaan_fast.runtime import make_step as runtime_step
 
-        local_step = GraphedLocalStep(model, amp_dtype=autocast_dtype)
-        autocast = nullcontext  # applied inside the graph
-    else:
-        local_step = model.local_step
-
-        def autocast():
-            return torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                  enabled=autocast_dtype is not None)
+    local_step = runtime_step(model, overlap=graphed, amp_dtype=autocast_dtype, check_targets=False,
+                              cuda_graphs=graphed)
+    autocast = nullcontext
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -241,12 +244,18 @@ def prepare(arch, K, method, variant, dtype_name, args, device, budget):
     images, targets = _batch(args.batch_size, device)
     graphed = variant == "graphed"
     step, optimizer = make_step(model, ema, images, targets, DTYPES[dtype_name], device, graphed=graphed)
-    step()  # first touch: lazy initialisation, optimizer state, cuDNN heuristics
+    before = compile_counts()
+    t0 = time.perf_counter()
+    step()  # first touch: lazy initialisation, optimizer state, cuDNN heuristics; compiled: compiling
     _sync(device)
+    first_ms = (time.perf_counter() - t0) * 1e3
+    after = compile_counts()
     budget.check()
     with ActivationMeter(exclude=model, cuda_device=device if device.type == "cuda" else "cpu") as meter:
         step()  # graphed: still an eager warm-up step, so the memory numbers are an eager step's
         _sync(device)
+    if compile_counts()["graphs"] != after["graphs"]:
+        raise RuntimeError(f"{variant}: the second step compiled more graphs")
     if graphed:
         step()  # capture, then the first replay: untimed
         _sync(device)
@@ -259,7 +268,18 @@ def prepare(arch, K, method, variant, dtype_name, args, device, budget):
         total=state_bytes(model, optimizer) + act_peak,
         n_inference=sum(p.numel() for p in model.inference_parameters()),
         n_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        first_ms=first_ms,
+        compiled={k: after[k] - before[k] for k in after},
     )
+
+
+def compile_counts() -> dict:
+    """Graphs dynamo compiled so far in this process, and inductor's cache hits and misses."""
+    from torch._dynamo.utils import counters
+
+    inductor = counters["inductor"]
+    return {"graphs": counters["stats"]["unique_graphs"], "cache_hits": inductor["fxgraph_cache_hit"],
+            "cache_misses": inductor["fxgraph_cache_miss"]}
 
 
 def _release(device) -> None:
@@ -272,6 +292,7 @@ def measure(arch, K, method, variant, dtype_name, args, device, budget):
     """One configuration: dict of numbers, or raises (the caller reports and goes on)."""
     step, numbers = prepare(arch, K, method, variant, dtype_name, args, device, budget)
     budget.check()
+    graphs = compile_counts()["graphs"]
     numbers["times"] = time_steps(
         step,
         device,
@@ -281,6 +302,8 @@ def measure(arch, K, method, variant, dtype_name, args, device, budget):
         min_reps=args.min_reps,
         max_seconds=args.max_seconds,
     )
+    if compile_counts()["graphs"] != graphs:
+        raise RuntimeError(f"{variant}: compiled during the timed steps")
     del step
     _release(device)
     return numbers
@@ -304,6 +327,7 @@ def measure_alternating(arch, K, method, variants, dtype_name, args, device, bud
         for step in steps.values():
             budget.check()
             step()
+    graphs = compile_counts()["graphs"]
     times = {variant: [] for variant in steps}
     t_end = time.perf_counter() + args.max_seconds * max(1, len(steps))
 
@@ -317,6 +341,8 @@ def measure_alternating(arch, K, method, variants, dtype_name, args, device, bud
             t0 = time.perf_counter()
             step()
             times[variant].append((time.perf_counter() - t0) * 1e3)
+    if compile_counts()["graphs"] != graphs:
+        raise RuntimeError(f"{', '.join(steps)}: compiled during the timed steps")
     for variant in steps:
         results[variant]["times"] = times[variant]
     del steps
@@ -330,13 +356,14 @@ def plan(args):
     Groups (arch, K, dtype) go by priority: the first two (arch, K) pairs in every dtype, then the
     rest, so a short budget covers the speed and memory claims first. Inside a group e2e (once per
     arch and dtype: it has no K) and the straightforward variant come first, so the ratios to them
-    can be written as soon as each number exists.
+    can be written as soon as each number exists. The compiled variant comes last, for the first
+    (arch, K) pair only: compiling takes minutes per configuration, and one shows whether it pays.
     """
     configs = [(a, k) for a, k in CONFIGS if a in args.archs and (not args.ks or k in args.ks)]
     groups = [(c, d) for c in configs[:2] for d in args.dtypes] + [
         (c, d) for c in configs[2:] for d in args.dtypes
     ]
-    runs, e2e_done = [], set()
+    runs, compiled, e2e_done = [], [], set()
     for (arch, K), dtype_name in groups:
         for method in args.methods:
             if method == "e2e":
@@ -346,10 +373,14 @@ def plan(args):
             for variant in args.variants:
                 if variant == "scheduled" and "mlaan" not in method:
                     continue  # nothing to schedule without cascade windows
-                if variant == "graphed" and "mlaan" not in method and method != "e2e":
+                if variant in ("graphed", "compiled") and "mlaan" not in method and method != "e2e":
                     continue
-                runs.append((arch, 1 if method == "e2e" else K, method, variant, dtype_name))
-    return runs
+                run = (arch, 1 if method == "e2e" else K, method, variant, dtype_name)
+                if variant != "compiled":
+                    runs.append(run)
+                elif (arch, K) == configs[0]:
+                    compiled.append(run)
+    return runs + compiled
 
 
 def main(argv=None) -> int:
@@ -413,6 +444,7 @@ def main(argv=None) -> int:
     )
     e2e_ms: dict[tuple, float] = {}  # (arch, dtype, variant) -> p50 ms
     straight_ms: dict[tuple, float] = {}  # (arch, K, method, dtype) -> p50 ms
+    variant_ms: dict[tuple, float] = {}  # (arch, K, method, dtype, variant) -> p50 ms
     measured = skipped = 0
     runs = plan(args)
     alternating: dict[tuple, dict] = {}  # CPU: (arch, K, method, dtype) -> {variant: numbers or exception}
@@ -504,6 +536,30 @@ def main(argv=None) -> int:
             r["n_trainable"] / 1e6,
             note=f"trainable; inference {r['n_inference'] / 1e6:.3f} M",
         )
+        variant_ms[(arch, K, method, dtype_name, variant)] = p50
+        if variant in EAGER_TWIN:
+            compiled = r["compiled"]
+            writer.add(
+                "train_step",
+                provider,
+                shape,
+                "compile_time",
+                "s",
+                max(0.0, r["first_ms"] - p50) / 1e3,
+                note=(f"first step's wall time less the median step; {compiled['graphs']} graphs, inductor "
+                      f"cache {compiled['cache_hits']} hits / {compiled['cache_misses']} misses"),
+            )
+            twin = next((t for t in EAGER_TWIN[variant] if (arch, K, method, dtype_name, t) in variant_ms), None)
+            if twin is not None:
+                writer.add(
+                    "train_step",
+                    provider,
+                    shape,
+                    "speedup_vs_eager",
+                    "x",
+                    variant_ms[(arch, K, method, dtype_name, twin)] / p50,
+                    note=f"images/s / images/s of the eager variant '{twin}' (same run)",
+                )
         if method == "e2e":
             e2e_ms[(arch, dtype_name, variant)] = p50
         if variant == "straightforward":
@@ -538,6 +594,8 @@ def main(argv=None) -> int:
             f"{r['total'] / MIB:9.1f} {vs_e2e or float('nan'):7.2f} {speedup or float('nan'):11.2f}",
             flush=True,
         )
+        if variant in EAGER_TWIN:
+            print(f"{'':<34} {'':<30} compiling took {max(0.0, r['first_ms'] - p50) / 1e3:.1f} s", flush=True)
     print(f"{measured} configuration(s) measured -> {writer.path}")
     if not args.no_plot and measured:
         try:

@@ -106,6 +106,7 @@ case $rc in
 esac
 
 # 4. Every benchmark, each with a share of what is left (weights: train step 3, aux head 2, others 1).
+#    The train step runs every variant; 'compiled' (torch.compile: minutes of compiling) comes last.
 BENCHES=$(ls benchmarks/bench_*.py 2>/dev/null | grep -v bench_train_step.py; ls benchmarks/bench_train_step.py 2>/dev/null)
 weight() { case "$1" in *bench_train_step.py) echo 3 ;; *bench_aux_head.py) echo 2 ;; *) echo 1 ;; esac; }
 remaining_weight=0

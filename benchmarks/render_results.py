@@ -1,7 +1,7 @@
 """Render the benchmark CSVs as markdown tables: the README's "Performance" section, generated.
 
 Every table is headed by the device, torch/triton versions, date and commit of its numbers;
-nothing is typed by hand. Only the newest row per (device, op, provider, shape, metric) is shown.
+nothing is typed by hand. A run whose every row a later run measured again is not shown.
 
   python benchmarks/render_results.py                      # print markdown for benchmarks/results/*.csv
   python benchmarks/render_results.py --results DIR --out summary.md
@@ -21,19 +21,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
 PROVENANCE = ("device", "torch", "triton", "date", "commit")
 METHOD_ORDER = ["e2e", "dgl", "infopro", "mlaan", "dgl+mlaan", "infopro+mlaan"]
-VARIANT_ORDER = ["straightforward", "fused", "scheduled"]
+VARIANT_ORDER = ["straightforward", "fused", "scheduled", "compiled", "graphed"]
 SHAPE = re.compile(r"(?P<arch>\S+) K=(?P<K>\d+) B=(?P<B>\d+) (?P<dtype>\S+)")
 
 
 def read_rows(paths: list[str]) -> list[dict]:
-    """All rows of the CSVs, newest kept per (device, op, provider, shape, metric), file order kept."""
+    """The rows of every run (device, versions, date, commit) that holds a row no later run measured
+    again; newest per (device, op, provider, shape, metric) within a run; file order kept."""
     newest: dict[tuple, dict] = {}
+    per_run: dict[tuple, dict] = {}
     for path in paths:
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
                 r["_file"] = os.path.basename(path)
-                newest[(r.get("device"), r.get("op"), r.get("provider"), r.get("shape"), r.get("metric"))] = r
-    return list(newest.values())
+                key = (r.get("device"), r.get("op"), r.get("provider"), r.get("shape"), r.get("metric"))
+                newest[key] = r
+                per_run[tuple(r.get(k, "") for k in PROVENANCE) + key] = r
+    shown = {tuple(r.get(k, "") for k in PROVENANCE) for r in newest.values()}
+    return [r for k, r in per_run.items() if k[: len(PROVENANCE)] in shown]
 
 
 def _num(text: str, digits: int = 3) -> str:
@@ -88,6 +93,7 @@ def render_train_step(rows: list[dict]) -> list[str]:
         meta = dict(zip(PROVENANCE, key))
         out += [f"Training step, batch {key[-2]}, {key[-1]}: {_heading(meta)}", ""]
         has_cuda = any(r["metric"] == "cuda_max_allocated" for r in group)
+        has_compile = any(r["metric"] == "compile_time" for r in group)
         header = [
             "arch",
             "K",
@@ -102,6 +108,7 @@ def render_train_step(rows: list[dict]) -> list[str]:
         ]
         header += ["CUDA max allocated MiB"] if has_cuda else []
         header += ["total memory MiB"]
+        header += ["compile s", "speed × eager"] if has_compile else []
         out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         cells: dict[tuple, dict[str, dict]] = {}
         for r in group:
@@ -134,13 +141,16 @@ def render_train_step(rows: list[dict]) -> list[str]:
             ]
             line += [get("cuda_max_allocated")] if has_cuda else []
             line += [get("total_memory")]
+            line += [get("compile_time"), get("speedup_vs_eager")] if has_compile else []
             out.append("| " + " | ".join(line) + " |")
         out += [
             "",
             "saved-activation peak: `mlaan_fast.profiling.ActivationMeter` (bytes saved for backward, "
             "parameters and buffers excluded); CUDA max allocated: `torch.cuda.max_memory_allocated` over "
             "one step; total: parameters + gradients + optimizer state + buffers + saved-activation peak. "
-            "Ratios are between numbers of the same run on the same device.",
+            + ("compile s: the compiled variant's first step less its median step; speed × eager: against "
+               "the same step run eagerly (scheduled, or fused for e2e). " if has_compile else "")
+            + "Ratios are between numbers of the same run on the same device.",
             "",
         ]
     return out

@@ -5,12 +5,14 @@ import copy
 import itertools
 import re
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlaan_fast.models import compiled
 from mlaan_fast.models.archs import build_backbone, get_arch
 from mlaan_fast.models.heads import head_loss, make_head
 from mlaan_fast.models.options import LocalOptions
@@ -77,6 +79,7 @@ class LocalModel(nn.Module):
                 self.casc_heads[str(w.index)] = make_head(spec.head, cascade_width, num_classes,
                                                           module_index=w.index, **head)
         self._register_load_state_dict_pre_hook(_drop_shadow_statistics)
+        self._compiled = False  # see compile_modules
         self.shadow_bank = self.frozen_shadow_bank = None
         self.shadow_positions: list = []  # live block (stage, block) that shadow i follows
         if self.use_lam:
@@ -205,7 +208,8 @@ class LocalModel(nn.Module):
         objective of its own], "logits": final logits [B,N]}, all detached. ``overlap`` and
         ``side_stream`` are the schedule's runtime switches (``mlaan_fast.runtime.LocalStep`` sets them).
         """
-        return self.schedule(self, images, targets, grad_scaler, overlap=overlap, side_stream=side_stream)
+        with compiled.compiled_step() if self._compiled else nullcontext():
+            return self.schedule(self, images, targets, grad_scaler, overlap=overlap, side_stream=side_stream)
 
     @torch.no_grad()
     def update_shadows(self) -> None:
@@ -213,10 +217,11 @@ class LocalModel(nn.Module):
         if self.shadow_bank is not None:
             self.shadow_bank.update()
 
-    def compile_modules(self, **kwargs) -> None:
-        """Wrap each backbone module's forward in torch.compile(**kwargs) (module hooks stay outside)."""
-        for module in self.local_modules:
-            module.forward = torch.compile(module.forward, **kwargs)
+    def compile_modules(self, parts=compiled.PARTS, **kwargs) -> None:
+        """torch.compile(**kwargs) the training-mode forward of every backbone module, LAM and auxiliary
+        head (``parts``: a subset of ("modules", "lams", "heads")); see :mod:`mlaan_fast.models.compiled`."""
+        compiled.compile_parts(self, parts, **kwargs)
+        self._compiled = True
 
 
 def lam_shadow_bank(live_blocks: list[nn.Module], decay: float) -> EMAShadow:

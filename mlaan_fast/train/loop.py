@@ -120,6 +120,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_ON_CPU = (
+    "note: --compile on a CPU: where it was measured (2 cores, 2 threads, ResNet-32 K=16, batch 64, fp32) "
+    "compiling took 95 s, then mlaan steps ran at 0.91x the eager speed and dgl+mlaan steps at 1.5x "
+    "(README: torch.compile)"
+)
 
 
 def autocast(device: torch.device, amp: str):
@@ -310,6 +315,8 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
         broadcast_state(model)
         if cfg.compile:
             model.compile_modules()
+            if device.type == "cpu":
+                say(COMPILE_ON_CPU)
         if cfg.cuda_graphs and device.type != "cuda":
             raise ValueError(f"cuda_graphs: CUDA graphs need a CUDA device, this run uses {device}")
         # Every batch's labels are checked on the host (_to_device): the fused heads need not sync.
