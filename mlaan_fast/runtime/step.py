@@ -79,16 +79,3 @@ class LocalStep:
             return combine_microbatches([
                 self.model.local_step(x, t, scale, overlap=self.overlap, side_stream=side)
                 for x, t in zip(images.tensor_split(n), targets.tensor_split(n))])
-
-
-def make_step(model, *, overlap: bool = False, amp_dtype: torch.dtype | None = None, check_targets: bool = True,
-              cuda_graphs: bool = False, microbatches: int = 1):
-    """A :class:`LocalStep`, or with ``cuda_graphs`` a :class:`GraphedLocalStep` (CUDA only) with the same switches."""
-    if cuda_graphs:
-        from mlaan_fast.runtime.graphed import GraphedLocalStep
-
-        if microbatches != 1:
-            raise ValueError("cuda_graphs and microbatches: a captured step runs the whole batch; choose one")
-        return GraphedLocalStep(model, amp_dtype=amp_dtype, overlap=overlap)
-    return LocalStep(model, overlap=overlap, amp_dtype=amp_dtype, check_targets=check_targets,
-                     microbatches=microbatches)

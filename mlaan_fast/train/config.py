@@ -55,7 +55,7 @@ _WHAT, _OPT, _SPEED = "what to train", "optimisation (defaults: the recipe)", "s
 
 
 def _device_check(name: str, value) -> str:
-    return check_device_name(text()(name, value), name)
+    return check_device_name(value, name)
 
 
 _device_check.wants_text = True
