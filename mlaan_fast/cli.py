@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; every failure is one line on stderr (exit 2; a diverged run 3; Ctrl-C 130)."""
+    """Run one command; every failure is one line on stderr (exit 2; a diverged run 3; a lost process of a
+    distributed run 4; Ctrl-C 130)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -216,12 +217,17 @@ def _say(command: str, message: str) -> None:
 
 def _failure(exc: Exception) -> tuple[int, str]:
     """(exit code, one-line message) for an exception that ends a command."""
+    from mlaan_fast.runtime.distributed import lost_peer
+    from mlaan_fast.runtime.pipeline import PipelineError
     from mlaan_fast.train.checkpoint import CheckpointError
     from mlaan_fast.train.loop import TrainingDiverged
     from mlaan_fast.train.runfolder import RunFolderError
 
     if isinstance(exc, TrainingDiverged):
         return 3, _one_line(str(exc))
+    if isinstance(exc, PipelineError) or lost_peer(exc):
+        return 4, _one_line(str(exc) if isinstance(exc, PipelineError) else
+                            f"another process of this run died or stopped answering ({_one_line(str(exc))[:300]})")
     if isinstance(exc, OSError):
         return 2, _one_line(_os_error(exc))
     if isinstance(exc, (CheckpointError, RunFolderError, ValueError, TypeError)):

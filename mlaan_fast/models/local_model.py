@@ -200,16 +200,18 @@ class LocalModel(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
     def local_step(self, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None, *, overlap: bool = False,
-                   side_stream=None) -> dict:
+                   side_stream=None, on_grads_ready=None) -> dict:
         """images [B,3,H,W], int64 targets [B]: every local forward/backward of one iteration,
         accumulating .grad (no optimizer step).
 
         Returns {"loss": 0-dim total, "module_losses": [0-dim per module, 0 where a module has no
-        objective of its own], "logits": final logits [B,N]}, all detached. ``overlap`` and
-        ``side_stream`` are the schedule's runtime switches (``mlaan_fast.runtime.LocalStep`` sets them).
+        objective of its own], "logits": final logits [B,N]}, all detached. ``overlap``, ``side_stream``
+        and ``on_grads_ready(params)`` (called where a schedule knows gradients are complete, to start
+        their all-reduce early) are the runtime's switches (``mlaan_fast.runtime.LocalStep`` sets them).
         """
         with compiled.compiled_step() if self._compiled else nullcontext():
-            return self.schedule(self, images, targets, grad_scaler, overlap=overlap, side_stream=side_stream)
+            return self.schedule(self, images, targets, grad_scaler, overlap=overlap, side_stream=side_stream,
+                                 on_grads_ready=on_grads_ready)
 
     @torch.no_grad()
     def update_shadows(self) -> None:

@@ -55,14 +55,14 @@ class Stream:
 
 
 def once(model, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None, *, overlap: bool = False,
-         side_stream: torch.cuda.Stream | None = None) -> dict:
+         side_stream: torch.cuda.Stream | None = None, on_grads_ready=None) -> dict:
     """Forward each module once, back-propagate every window's objective exactly as far as it reaches.
 
     ``overlap``: window j after module j+1's forward (same maths); ``side_stream`` (CUDA batches,
-    with ``overlap``): the stream that runs the heads."""
+    with ``overlap``): the stream that runs the heads; ``on_grads_ready(params)``: see :class:`OnceStep`."""
     if side_stream is not None and not (overlap and images.is_cuda):
         raise ValueError("schedule 'once': side_stream needs overlap=True and a batch on a CUDA device")
-    step = OnceStep(model, images, targets, grad_scaler, side_stream=side_stream)
+    step = OnceStep(model, images, targets, grad_scaler, side_stream=side_stream, on_grads_ready=on_grads_ready)
     windows = {w.index: w for w in model.windows}
     h, behind = images, None  # behind: (window, o_j, ready) of the window deferred until module j+1 is queued
     with torch.enable_grad():

@@ -64,8 +64,9 @@ class GraphedLocalStep:
         """How many batch shapes have been captured."""
         return len(self._graphs)
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None) -> dict:
-        """images [B,3,H,W] and int64 targets [B] on the model's GPU -> local_step's dict (fresh tensors)."""
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None, on_grads_ready=None) -> dict:
+        """images [B,3,H,W] and int64 targets [B] on the model's GPU -> local_step's dict (fresh tensors).
+        ``on_grads_ready`` is not called: a replayed graph cannot call back, gradients are reduced after it."""
         if not (images.is_cuda and targets.is_cuda):
             raise ValueError(f"GraphedLocalStep: images and targets must be on a CUDA device, got "
                              f"{images.device} and {targets.device}")

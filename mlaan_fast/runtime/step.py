@@ -66,16 +66,20 @@ class LocalStep:
             return nullcontext()
         return torch.autocast(device.type, dtype=self.amp_dtype)
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None) -> dict:
-        """images [B,3,H,W], int64 targets [B] on the model's device -> local_step's dict (gradients in .grad)."""
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None, on_grads_ready=None) -> dict:
+        """images [B,3,H,W], int64 targets [B] on the model's device -> local_step's dict (gradients in .grad);
+        ``on_grads_ready(params)`` hears of gradients complete for the step (the last micro-batch's)."""
         side = side_stream(images.device) if self.overlap and images.is_cuda else None
         n = self.microbatches
         if n > images.shape[0]:
             raise ValueError(f"microbatches: {n} micro-batches of a batch of {images.shape[0]} images")
         with self._autocast(images.device), target_checks(self.check_targets):
             if n == 1:
-                return self.model.local_step(images, targets, grad_scaler, overlap=self.overlap, side_stream=side)
+                return self.model.local_step(images, targets, grad_scaler, overlap=self.overlap, side_stream=side,
+                                             on_grads_ready=on_grads_ready)
             scale = MicroBatchScale(grad_scaler, n)
+            chunks = list(zip(images.tensor_split(n), targets.tensor_split(n)))
             return combine_microbatches([
-                self.model.local_step(x, t, scale, overlap=self.overlap, side_stream=side)
-                for x, t in zip(images.tensor_split(n), targets.tensor_split(n))])
+                self.model.local_step(x, t, scale, overlap=self.overlap, side_stream=side,
+                                      on_grads_ready=on_grads_ready if i == n - 1 else None)
+                for i, (x, t) in enumerate(chunks)])

@@ -200,11 +200,13 @@ def check_compatible(state: dict, model_config: dict, config: dict | None = None
 
 
 def training_state(cfg, model, optimizer, scheduler, scaler, sampler, epoch: int, step: int, best_acc: float,
-                   test_acc: float, metrics: list[dict] | None = None) -> dict:
+                   test_acc: float, metrics: list[dict] | None = None, whole_state=None) -> dict:
     """Everything :func:`save_checkpoint` stores after ``epoch`` completed epochs (RNG states taken now);
-    ``metrics``: the rows of epochs 1..``epoch``."""
+    ``metrics``: the rows of epochs 1..``epoch``; ``whole_state``: (model, optimizer) state dicts of the
+    whole model when this process holds only part of it (a pipeline stage's gathered states)."""
+    model_state, optimizer_state = whole_state or (model.state_dict(), optimizer.state_dict())
     return {"config": cfg.to_dict(), "model_config": model.config,
-            "model": strip_compile_prefix(model.state_dict()), "optimizer": optimizer.state_dict(),
+            "model": strip_compile_prefix(model_state), "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng_state(), "sampler": sampler.state_dict(), "epoch": epoch, "step": step,

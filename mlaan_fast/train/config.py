@@ -52,6 +52,7 @@ _DEMO_COMMON = dict(momentum=0.9, nesterov=True, weight_decay=1e-4)
 
 
 _WHAT, _OPT, _SPEED = "what to train", "optimisation (defaults: the recipe)", "speed and reproducibility"
+_PARALLEL = "several processes (torchrun) and micro-batches"
 
 
 def _device_check(name: str, value) -> str:
@@ -101,6 +102,18 @@ class TrainConfig:
                                 boolean, group=_SPEED)
     overlap: bool = setting(False, "schedule 'once': window j after module j+1's forward; on a GPU the heads "
                             "run on a second CUDA stream", boolean, group=_SPEED)
+    microbatches: int = setting(1, "run each batch as n micro-batches whose gradients are averaged (gradient "
+                                "accumulation; with a pipeline, what flows through the stages)", integer(1),
+                                group=_PARALLEL)
+    pipeline_stages: int = setting(1, "module pipeline: the model's modules on this many processes (torchrun; "
+                                   "world size = stages x data-parallel replicas)", integer(1), group=_PARALLEL)
+    pipeline_mode: str = setting("sync", "sync (exact, micro-batches flushed every step) or async (no flush, "
+                                 "gradients across stages one step late)", choice("sync", "async"),
+                                 group=_PARALLEL)
+    partition: str = setting("measured", "how modules are cut into stages: measured (balance one profiled "
+                             "step's per-module time) or even", choice("measured", "even"), group=_PARALLEL)
+    comm_timeout: float = setting(600.0, "seconds a rank waits for another before stopping with an error",
+                                  number(0, lo_open=True), group=_PARALLEL)
     seed: int = setting(0, "seed of every random number generator", integer(0), group=_SPEED, resume=True)
     deterministic: bool = setting(False, "torch.use_deterministic_algorithms (bitwise-repeatable runs, slower)",
                                   boolean, group=_SPEED)
@@ -122,6 +135,21 @@ class TrainConfig:
         if self.cuda_graphs and self.compile:
             raise ValueError("cuda_graphs and compile: choose one (--cuda-graphs replays the whole step; "
                              "--compile compiles each module)")
+        if self.cuda_graphs and self.microbatches > 1:
+            raise ValueError("cuda_graphs and microbatches: a captured step runs the whole batch; choose one")
+        if self.microbatches > self.batch_size:
+            raise ValueError(f"microbatches: {self.microbatches} micro-batches of a batch of {self.batch_size}")
+        if self.pipeline_stages > 1:
+            for name, bad, why in (("cuda_graphs", self.cuda_graphs, "a captured graph cannot wait for other stages"),
+                                   ("compile", self.compile, "stages run parts of the model; compile each "
+                                    "stage's modules is not supported"),
+                                   ("overlap", self.overlap, "a pipeline stage already overlaps with the others"),
+                                   ("amp fp16", self.amp == "fp16", "the gradient scaler would skip steps stage by "
+                                    "stage; use --amp bf16")):
+                if bad:
+                    raise ValueError(f"pipeline_stages={self.pipeline_stages} and {name}: not together ({why})")
+            if self.pipeline_mode == "async" and self.microbatches > 1:
+                raise ValueError("microbatches: the async pipeline steps on whole batches; use --pipeline-mode sync")
         return self
 
     def model_kwargs(self) -> dict:

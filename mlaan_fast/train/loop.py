@@ -19,9 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlaan_fast.runtime import make_step
 from mlaan_fast.runtime.distributed import (
-    allreduce_gradients,
     broadcast_state,
     close_distributed,
     init_distributed,
@@ -32,6 +30,7 @@ from mlaan_fast.train import checkpoint as ckpt
 from mlaan_fast.train.config import TrainConfig, check_device_name, format_config, save_yaml
 from mlaan_fast.train.data import build_datasets, build_loaders, check_labels, steps_per_epoch
 from mlaan_fast.train.metrics import MetricsLog, format_bytes, summarize, write_summary
+from mlaan_fast.train.placement import build_runner, check_ranks_agree, pipeline_shape
 from mlaan_fast.train.runfolder import RunFolder, describe_os_error
 
 
@@ -154,14 +153,14 @@ def _to_device(images, targets, device, channels_last: bool, num_classes: int):
     return (images.to(device, non_blocking=True, memory_format=fmt), targets.to(device, non_blocking=True))
 
 
-def train_one_epoch(model, step_fn, loader, optimizer, scheduler, scaler, cfg, device, dinfo, epoch, steps,
+def train_one_epoch(runner, loader, optimizer, scheduler, scaler, cfg, device, dinfo, epoch, steps,
                     num_classes, show_progress: bool = True):
-    """Train ``steps`` batches, each through ``step_fn`` (a runtime LocalStep or GraphedLocalStep);
-    returns a dict of epoch statistics (global over ranks)."""
+    """Train ``steps`` batches through ``runner`` (a runtime ModelRunner or PipelineRunner); returns a dict
+    of epoch statistics (global over ranks)."""
     from tqdm import tqdm
 
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    runner.train()
+    model = runner.model
     loss_sum = correct = seen = None
     check_every = max(1, min(25, steps // 20))
     meter_peak = None
@@ -177,21 +176,24 @@ def train_one_epoch(model, step_fn, loader, optimizer, scheduler, scaler, cfg, d
         optimizer.zero_grad(set_to_none=True)
         meter = _activation_meter(model) if step == 0 and device.type == "cpu" and not cfg.compile else None
         with meter or nullcontext():
-            out = step_fn(images, targets, grad_scaler=scaler)
+            out = runner.step(images, targets, grad_scaler=scaler)
         if meter is not None:
             meter_peak = meter.peak_bytes
-        allreduce_gradients(params, dinfo.world)
+        runner.reduce_gradients()
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
         scheduler.step()
-        model.update_shadows()
+        runner.update_shadows()
 
+        # Each module's loss comes from the rank that holds it (pipeline stages hold some, 0 elsewhere);
+        # samples are counted by the ranks that count them, hits where the logits are.
         n = targets.numel()
         losses = torch.stack([torch.as_tensor(x, device=device).float() for x in out["module_losses"]]) * n
-        hits = (out["logits"].argmax(1) == targets).sum()
+        hits = (out["logits"].argmax(1) == targets).sum() if out["logits"] is not None else 0
+        n = n if runner.counts_samples else 0
         loss_sum = losses if loss_sum is None else loss_sum + losses
         correct = hits if correct is None else correct + hits
         seen = n if seen is None else seen + n
@@ -234,8 +236,10 @@ def _check_finite(module_losses: list[float], epoch: int, step: int) -> None:
 @torch.inference_mode()
 def evaluate(model, loader, device, amp: str = "off", channels_last: bool = False,
              num_classes: int | None = None):
-    """(mean cross-entropy, accuracy %) of ``model``'s inference path over ``loader``, summed over ranks."""
+    """(mean cross-entropy, accuracy %) of the inference path over ``loader``, summed over ranks;
+    ``model``: a LocalModel or a runtime runner (a pipeline stage has logits on the last stage only)."""
     model.eval()
+    infer = getattr(model, "infer", model)
     loss = correct = seen = 0.0
     for images, targets in loader:
         if num_classes is not None:
@@ -243,7 +247,9 @@ def evaluate(model, loader, device, amp: str = "off", channels_last: bool = Fals
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         images, targets = images.to(device, memory_format=fmt), targets.to(device)
         with autocast(device, amp):
-            logits = model(images)
+            logits = infer(images)
+        if logits is None:
+            continue
         loss += F.cross_entropy(logits.float(), targets, reduction="sum").item()
         correct += (logits.argmax(1) == targets).sum().item()
         seen += targets.numel()
@@ -294,7 +300,7 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
     """
     device = pick_device(cfg.device)
     check_backend_env(device)
-    dist_info = init_distributed(device.type)
+    dist_info = init_distributed(device.type, cfg.comm_timeout)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
     main = dist_info.is_main
@@ -306,32 +312,42 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
         state = ckpt.load_checkpoint(resume) if resume else None
         run_dir = choose_run_dir(cfg, resume, state)
         folder = claim_run_dir(run_dir, resume) if main else None
+        check_ranks_agree(cfg, dist_info)
         seed_everything(cfg.seed, cfg.deterministic)
         train_set, test_set, info = build_datasets(cfg.dataset, cfg.data_dir)
-        model = build_for_config(cfg, info.num_classes, device, info)
+        pipelined = cfg.pipeline_stages > 1
+        # A pipeline stage is cut from the whole model on the CPU; only its own parts reach the device.
+        model = build_for_config(cfg, info.num_classes, torch.device("cpu") if pipelined else device, info)
+        if pipelined:
+            pipeline_shape(cfg, dist_info, model.num_modules)
         if state is not None:
             ckpt.check_compatible(state, model.config, cfg.to_dict(), path=str(resume))
             ckpt.load_model_state(model, state, resume)
-        broadcast_state(model)
+        if not pipelined:
+            broadcast_state(model)
         if cfg.compile:
             model.compile_modules()
             if device.type == "cpu":
                 say(COMPILE_ON_CPU)
         if cfg.cuda_graphs and device.type != "cuda":
             raise ValueError(f"cuda_graphs: CUDA graphs need a CUDA device, this run uses {device}")
-        # Every batch's labels are checked on the host (_to_device): the fused heads need not sync.
-        step_fn = make_step(model, overlap=cfg.overlap, amp_dtype=AMP_DTYPES[cfg.amp], check_targets=False,
-                            cuda_graphs=cfg.cuda_graphs)
         cfg.out = str(run_dir)
+        replicas = dist_info.world // cfg.pipeline_stages
+        replica = dist_info.rank // cfg.pipeline_stages
         loader, sampler, test_loader = build_loaders(train_set, test_set, cfg.batch_size, cfg.seed,
-                                                     cfg.workers, dist_info.rank, dist_info.world,
+                                                     cfg.workers, replica, replicas,
                                                      pin_memory=device.type == "cuda")
         steps = steps_per_epoch(loader, cfg.max_steps_per_epoch)
-        optimizer = make_optimizer(model, cfg, device)
+        first_batch = next(iter(loader)) if pipelined and cfg.partition == "measured" else None
+        runner = build_runner(cfg, model, device, dist_info, first_batch,
+                              lambda: build_for_config(cfg, info.num_classes, torch.device("cpu"), info), say)
+        optimizer = make_optimizer(runner, cfg, device)
         scheduler = warmup_cosine(optimizer, round(cfg.warmup_epochs * steps), cfg.epochs * steps)
         scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
         start_epoch, best_acc = 0, -1.0
         if state is not None:
+            if pipelined:
+                state = {**state, "optimizer": runner.pipeline.stage_optimizer_state(state["optimizer"])}
             ckpt.restore_training_state(state, optimizer, scheduler, scaler, sampler, path=resume)
             start_epoch, best_acc = state["epoch"], state["best_acc"]
         if main:
@@ -348,10 +364,10 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
 
         for epoch in range(start_epoch, cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)):
             sampler.set_epoch(epoch)
-            stats = train_one_epoch(model, step_fn, loader, optimizer, scheduler, scaler, cfg, device, dist_info,
+            stats = train_one_epoch(runner, loader, optimizer, scheduler, scaler, cfg, device, dist_info,
                                     epoch, steps, info.num_classes, show_progress=verbose)
-            broadcast_state(model, buffers_only=True)  # BatchNorm statistics of rank 0, as DDP does
-            test_loss, test_acc = evaluate(model, test_loader, device, cfg.amp, cfg.channels_last,
+            runner.broadcast_buffers()  # BatchNorm statistics of the first replica, as DDP does
+            test_loss, test_acc = evaluate(runner, test_loader, device, cfg.amp, cfg.channels_last,
                                            info.num_classes)
             row = {"epoch": epoch + 1, **stats, "test_loss": test_loss, "test_acc": test_acc,
                    "lr": scheduler.get_last_lr()[0]}
@@ -360,13 +376,16 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
                 f"{row['epoch_time_s']:.1f}s  "
                 f"{row['images_per_s']:.0f} img/s  peak mem {format_bytes(row['peak_bytes'])} "
                 f"({row['peak_kind'].replace('_', ' ')})")
-            _check_epoch_state(model, optimizer, test_loss, epoch, test_loader, device, cfg)
+            _check_epoch_state(runner, optimizer, test_loss, epoch, test_loader, device, cfg)
+            whole = runner.whole_state(optimizer)
             if main:
                 improved, best_acc = test_acc > best_acc, max(best_acc, test_acc)
                 state = ckpt.training_state(cfg, model, optimizer, scheduler, scaler, sampler, epoch + 1,
-                                            (epoch + 1) * steps, best_acc, test_acc, metrics.rows + [row])
+                                            (epoch + 1) * steps, best_acc, test_acc, metrics.rows + [row],
+                                            whole_state=whole)
                 _save_epoch(run_dir, state, improved, metrics, row)
 
+        runner.drain()
         summary = {}
         if main:
             summary = summarize(metrics.rows, run_dir=str(run_dir), arch=cfg.arch, method=cfg.method, K=cfg.K,
@@ -465,8 +484,10 @@ def _where(name: str, num_modules: int) -> str:
 
 
 def _nonfinite_state(model, optimizer) -> list[str]:
-    """Where the model's weights, buffers and shadows, then the optimizer's state, hold NaN or inf."""
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    """Where the model's weights, buffers and shadows, then the optimizer's state, hold NaN or inf (parts
+    another pipeline stage holds, on the meta device, are that stage's to check)."""
+    bad = [k for k, v in model.state_dict().items()
+           if v.is_floating_point() and not v.is_meta and not torch.isfinite(v).all()]
     for name, p in model.named_parameters():
         for slot, v in optimizer.state.get(p, {}).items():
             if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
@@ -474,15 +495,21 @@ def _nonfinite_state(model, optimizer) -> list[str]:
     return [_where(name, model.num_modules) for name in bad]
 
 
-def _check_epoch_state(model, optimizer, test_loss: float, epoch: int, test_loader, device, cfg) -> None:
-    """TrainingDiverged if the state after ``epoch`` holds NaN/inf or its test loss is not finite: such a
-    state is never saved, as last.pt or best.pt."""
+def _check_epoch_state(runner, optimizer, test_loss: float, epoch: int, test_loader, device, cfg) -> None:
+    """TrainingDiverged if the state after ``epoch`` holds NaN/inf on any rank or its test loss is not
+    finite: such a state is never saved, as last.pt or best.pt (every rank decides alike)."""
+    model = runner.model
     bad = _nonfinite_state(model, optimizer)
-    if not bad and math.isfinite(test_loss):
+    anywhere = sum_across([float(len(bad))], device)[0]
+    if not anywhere and math.isfinite(test_loss):
         return
     if bad:
         also = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
         what = f"non-finite values in {bad[0]}{also}"
+    elif anywhere:
+        what = "non-finite values in the state of another pipeline stage"
+    elif cfg.pipeline_stages > 1:
+        what = f"non-finite test loss ({test_loss})"
     else:
         module = _first_nonfinite_module(model, test_loader, device, cfg)
         where = f", first seen in the output of module {module}" if module is not None else ""

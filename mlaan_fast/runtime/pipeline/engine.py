@@ -72,7 +72,8 @@ class Pipeline:
     """This rank's stage of pipeline replica ``replica``: ``step``, ``update_shadows``, ``infer``."""
 
     def __init__(self, model, partition: Partition, *, stage: int, replica: int, device: torch.device,
-                 groups: PipelineGroups, mode: str = "sync", microbatches: int = 1, timeout_s: float = 600.0):
+                 groups: PipelineGroups, mode: str = "sync", microbatches: int = 1, timeout_s: float = 600.0,
+                 template=None):
         if mode not in MODES:
             raise ValueError(f"pipeline_mode: unknown {mode!r}; choose one of {', '.join(MODES)}")
         P = partition.num_stages
@@ -83,6 +84,7 @@ class Pipeline:
             raise ValueError(f"pipeline_mode async: stage {stage} holds {layout.last - layout.first + 1} module(s), "
                              "fewer than a window spans; use fewer stages or the sync mode")
         self.model, self.partition, self.mode, self.n = model, partition, mode, microbatches
+        self.template = template  # () -> a whole LocalModel on the CPU, for the gathered state (rank 0)
         self.stage_index, self.replica, self.device = stage, replica, device
         self.stage = StageModel(model, layout, device)
         self.windows = {w.index: w for w in model.windows if layout.first <= w.index <= layout.last}
@@ -296,9 +298,9 @@ class Pipeline:
             return None
         return self.model.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1))
 
-    def gather_state(self, optimizer: torch.optim.Optimizer, template) -> tuple[dict, dict] | None:
+    def gather_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict, dict] | None:
         """The whole model's state dict and the single-process optimizer state on rank 0 (None elsewhere),
-        from replica 0's stages; ``template``: a whole LocalModel on the CPU to fill (rank 0 only)."""
+        from replica 0's stages (every rank must call it)."""
         names = self.stage.parameter_names()
         mine = (self.stage.owned_state(), optimizer_state_by_name(optimizer, names)) if self.replica == 0 else None
         rank = dist.get_rank()
@@ -307,14 +309,13 @@ class Pipeline:
         if rank != 0:
             return None
         parts = [g for g in gathered if g is not None]
-        model_state = whole_model_state(template, [part[0] for part in parts])
+        model_state = whole_model_state(self.template(), [part[0] for part in parts])
         by_name = {k: v for part in parts for k, v in part[1].items()}
         return model_state, whole_optimizer_state(optimizer, by_name, self.stage.all_parameter_names)
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, whole: dict) -> None:
-        """Load this stage's part of a single-process optimizer state dict."""
-        optimizer.load_state_dict(stage_optimizer_state(whole, self.stage.all_parameter_names,
-                                                        self.stage.parameter_names()))
+    def stage_optimizer_state(self, whole: dict) -> dict:
+        """This stage's part of a single-process optimizer state dict (to load into its optimizer)."""
+        return stage_optimizer_state(whole, self.stage.all_parameter_names, self.stage.parameter_names())
 
     def bytes_sent(self) -> int:
         """Bytes this rank has sent to other stages so far (activations, gradient streams, weights)."""
