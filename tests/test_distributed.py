@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from mlaan_fast.train import loop
 from mlaan_fast.train.config import TrainConfig, resolve_config
 from mlaan_fast.train.data import build_datasets, build_loaders
-from mlaan_fast.runtime.distributed import allreduce_gradients
+from mlaan_fast.runtime.distributed import GradientReducer, allreduce_gradients
 from tolerance import assert_all_close_scaled
 
 CFG = dict(
@@ -67,6 +67,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cfg: dict) -> None:
         p.grad = torch.arange(p.numel(), dtype=p.dtype) * (rank + 1)
     allreduce_gradients(params, world, bucket_bytes=64)
     torch.save([p.grad for p in params], os.path.join(out_dir, f"grads{rank}.pt"))
+    # the overlapping reducer: two groups reported early (their buckets start at once), the rest at finish
+    for p in params:
+        p.grad = torch.arange(p.numel(), dtype=p.dtype) * (rank + 1)
+    reducer = GradientReducer(params, bucket_bytes=64)
+    reducer.ready(params[:2])
+    reducer.ready(params[1:2])  # reported twice: reduced once
+    reducer.finish()
+    torch.save([p.grad for p in params], os.path.join(out_dir, f"overlapped{rank}.pt"))
     result = loop.train(TrainConfig(**cfg), verbose=False)  # joins the existing group, closes it at the end
     torch.save(result.model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
 
@@ -121,8 +129,9 @@ def test_gloo_two_ranks_match_each_other_and_single_process(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), cfg), nprocs=2, join=True)
 
     for rank in (0, 1):
-        for n, g in zip((5, 300, 7, 3), torch.load(tmp_path / f"grads{rank}.pt")):
-            torch.testing.assert_close(g, torch.arange(n, dtype=g.dtype) * 1.5, rtol=0, atol=0)
+        for name in ("grads", "overlapped"):
+            for n, g in zip((5, 300, 7, 3), torch.load(tmp_path / f"{name}{rank}.pt")):
+                torch.testing.assert_close(g, torch.arange(n, dtype=g.dtype) * 1.5, rtol=0, atol=0)
 
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     differ = [k for k in r0 if not torch.equal(r0[k], r1[k])]

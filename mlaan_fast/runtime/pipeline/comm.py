@@ -9,6 +9,7 @@ answering within ``timeout`` raises :class:`PipelineError` naming the stage.
 from __future__ import annotations
 
 import datetime
+import time
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ class Link:
         self.stage, self.peer_stage, self.peer, self.group = stage, peer_stage, peer_rank, group
         self.device, self.timeout = device, datetime.timedelta(seconds=timeout_s)
         self.bytes_sent = 0
+        self.waited_s = 0.0  # time spent waiting for this link's messages (idle, for the benchmark)
 
     def _fail(self, what: str, exc: Exception) -> PipelineError:
         cause = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
@@ -37,10 +39,13 @@ class Link:
 
     def wait(self, work, what: str) -> None:
         """Wait for one request, turning a dead or silent peer into a PipelineError."""
+        start = time.perf_counter()
         try:
             work.wait(self.timeout)
         except Exception as exc:  # gloo/NCCL raise RuntimeError (or DistBackendError) here
             raise self._fail(what, exc) from None
+        finally:
+            self.waited_s += time.perf_counter() - start
 
     def isend(self, tensor: torch.Tensor):
         """Start sending ``tensor`` (contiguous); the caller keeps it alive until :meth:`wait`."""

@@ -106,7 +106,6 @@ class Pipeline:
         self._pending: list = []  # sends started and not yet waited for: (link, request, tensor)
         self._weights_sent = 0  # updates of the shadows so far (one weight message per owner each)
         self._weight_sends: list = []  # (update count, link, request, tensor) not yet waited for
-        self.busy_s = 0.0  # time spent computing (not waiting for messages), for the benchmark
 
     # ------------------------------------------------------------------ training step
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -317,7 +316,15 @@ class Pipeline:
         """This stage's part of a single-process optimizer state dict (to load into its optimizer)."""
         return stage_optimizer_state(whole, self.stage.all_parameter_names, self.stage.parameter_names())
 
+    def _links(self) -> list[Link]:
+        links = [self.prev, self.next, self.infer_prev, self.infer_next, *self.weights_in.values(),
+                 *self.weights_out.values()]
+        return [link for link in links if link is not None]
+
     def bytes_sent(self) -> int:
         """Bytes this rank has sent to other stages so far (activations, gradient streams, weights)."""
-        links = [self.prev, self.next, self.infer_next, *self.weights_out.values()]
-        return sum(link.bytes_sent for link in links if link is not None)
+        return sum(link.bytes_sent for link in self._links())
+
+    def waited_s(self) -> float:
+        """Seconds this rank has spent waiting for other stages so far (its share of the bubble)."""
+        return sum(link.waited_s for link in self._links())
