@@ -68,8 +68,9 @@ def want_cuda(cuda_home):
     toolkit = toolkit_version(cuda_home)
     if toolkit and toolkit.split(".")[0] != torch.version.cuda.split(".")[0]:
         # torch.utils.cpp_extension refuses to mix CUDA major versions.
-        return False, (f"the toolkit at {cuda_home} is CUDA {toolkit}, torch {torch.__version__} was built with "
-                       f"CUDA {torch.version.cuda} (set CUDA_HOME to a CUDA {torch.version.cuda.split('.')[0]} toolkit)")
+        major = torch.version.cuda.split(".")[0]
+        return False, (f"the toolkit at {cuda_home} is CUDA {toolkit}, torch {torch.__version__} was built "
+                       f"with CUDA {torch.version.cuda} (set CUDA_HOME to a CUDA {major} toolkit)")
     return True, f"toolkit at {cuda_home}"
 
 

@@ -129,7 +129,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="continue exactly from runs/NAME/last.pt (its settings; flags given must agree)")
     g = p.add_argument_group("model options (defaults: the model's, from the paper)")
     add_flags(g, LocalOptions, dest_prefix=OPTION_PREFIX, default=S, groups={None: g})
-    g.add_argument("--model-option", dest="model_option_items", action="append", default=[], metavar="KEY=VALUE",
+    g.add_argument("--model-option", dest="model_option_items", action="append", default=[],
+                   metavar="KEY=VALUE",
                    help="any model option as KEY=VALUE (repeatable; VALUE read as YAML)")
 
 
@@ -226,8 +227,10 @@ def _failure(exc: Exception) -> tuple[int, str]:
     if isinstance(exc, TrainingDiverged):
         return 3, _one_line(str(exc))
     if isinstance(exc, PipelineError) or lost_peer(exc):
-        return 4, _one_line(str(exc) if isinstance(exc, PipelineError) else
-                            f"another process of this run died or stopped answering ({_one_line(str(exc))[:300]})")
+        if isinstance(exc, PipelineError):
+            return 4, _one_line(str(exc))
+        cause = _one_line(str(exc))[:300]
+        return 4, f"another process of this run died or stopped answering ({cause})"
     if isinstance(exc, OSError):
         return 2, _one_line(_os_error(exc))
     if isinstance(exc, (CheckpointError, RunFolderError, ValueError, TypeError)):

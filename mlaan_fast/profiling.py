@@ -10,14 +10,14 @@ workspaces. The two numbers answer different questions; both are exposed, never 
 from __future__ import annotations
 
 import threading
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 __all__ = ["ActivationMeter"]
 
-_ACTIVE: list["ActivationMeter"] = []  # meters whose `with` block is open, outermost first
+_ACTIVE: list[ActivationMeter] = []  # meters whose `with` block is open, outermost first
 _ACTIVE_LOCK = threading.Lock()
 
 
@@ -111,7 +111,7 @@ class ActivationMeter:
         self._cuda_seen = 0
 
     # ------------------------------------------------------------------ context protocol
-    def __enter__(self) -> "ActivationMeter":
+    def __enter__(self) -> ActivationMeter:
         if self._open:
             raise RuntimeError("this ActivationMeter is already open; use a new instance to nest")
         self._excluded = set(self._collect_excluded(self._exclude_spec))

@@ -60,7 +60,8 @@ def unknown_keys(cls, keys: Iterable[str], where: str) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(keys) - known)
     if unknown:
-        raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(known))}")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -171,8 +172,8 @@ def _parse_scalar(raw: str):
     return raw
 
 
-def add_flags(parser: argparse.ArgumentParser, cls, *, dest_prefix: str = "", default: Any = argparse.SUPPRESS,
-              groups: dict[str | None, Any] | None = None) -> None:
+def add_flags(parser: argparse.ArgumentParser, cls, *, dest_prefix: str = "",
+              default: Any = argparse.SUPPRESS, groups: dict[str | None, Any] | None = None) -> None:
     """One flag per declared setting of ``cls`` (``--name-with-dashes``; ``--[no-]name`` for booleans).
 
     Values are parsed as numbers where they look like numbers and checked later, with the other

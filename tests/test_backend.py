@@ -189,7 +189,8 @@ def _nvcc_major():
                     reason="no nvcc on PATH or a CPU-only torch: the CUDA sources are not built here")
 @pytest.mark.skipif(shutil.which("nvcc") is not None and torch.version.cuda is not None
                     and _nvcc_major() != torch.version.cuda.split(".")[0],
-                    reason="nvcc and torch are of different CUDA major versions: setup.py skips the CUDA sources")
+                    reason="nvcc and torch are of different CUDA major versions: setup.py skips the CUDA "
+                           "sources")
 def test_cuda_sources_were_compiled_where_nvcc_exists():
     """Where a toolkit exists the build must include kernels/*.cu (a broken .cu then fails the build)."""
     import mlaan_fast._C as ext

@@ -10,13 +10,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch._functorch.config as functorch_config
+from tolerance import assert_all_close_scaled, assert_close_scaled
 from torch import nn
 
 from mlaan_fast.cli import main
 from mlaan_fast.models import build_model
 from mlaan_fast.models.compiled import compile_parts
 from mlaan_fast.models.schedules import get_schedule
-from tolerance import assert_all_close_scaled, assert_close_scaled
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,7 +54,8 @@ def assert_same_steps(eager, compiled, images, targets, atol=0.0):
 
 @pytest.mark.parametrize("method, device", [
     ("mlaan", "cpu"), ("dgl+mlaan", "cpu"),
-    pytest.param("mlaan", "cuda", marks=pytest.mark.gpu), pytest.param("dgl+mlaan", "cuda", marks=pytest.mark.gpu),
+    pytest.param("mlaan", "cuda", marks=pytest.mark.gpu),
+    pytest.param("dgl+mlaan", "cuda", marks=pytest.mark.gpu),
 ])
 def test_inductor_step_has_the_eager_gradients(method, device):
     # fp64: in fp32 the compiled forward's rounding flips a few ReLU masks, which moves whole

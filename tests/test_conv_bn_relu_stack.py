@@ -39,7 +39,7 @@ def test_matches_plain_stack_fp64(shape, momentum, channels_last):
     plain = make_stack(shape[1], momentum=momentum)
     lean = copy.deepcopy(plain)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for step in range(3):  # running statistics evolve identically over several steps
+    for _ in range(3):  # running statistics evolve identically over several steps
         x = torch.randn(shape, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
         want, got = plain(x), conv_bn_relu_stack(x, lean)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -117,7 +117,8 @@ def test_eval_and_no_grad_use_the_modules():
 
 def test_rejects_other_layers():
     with pytest.raises(ValueError, match="1x1"):
-        conv_bn_relu_stack(torch.randn(2, 3, 4, 4), nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+        stack = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        conv_bn_relu_stack(torch.randn(2, 3, 4, 4), stack)
     with pytest.raises(ValueError, match="triples"):
         conv_bn_relu_stack(torch.randn(2, 3, 4, 4), nn.Sequential(nn.Conv2d(3, 4, 1, bias=False)))
 

@@ -17,12 +17,12 @@ import sys
 
 import torch
 import torch.multiprocessing as mp
+from tolerance import assert_all_close_scaled
 
+from mlaan_fast.runtime.distributed import GradientReducer, allreduce_gradients
 from mlaan_fast.train import loop
 from mlaan_fast.train.config import TrainConfig, resolve_config
 from mlaan_fast.train.data import build_datasets, build_loaders
-from mlaan_fast.runtime.distributed import GradientReducer, allreduce_gradients
-from tolerance import assert_all_close_scaled
 
 CFG = dict(
     dataset="synthetic",

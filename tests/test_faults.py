@@ -156,9 +156,9 @@ def test_nonfinite_state_is_never_saved(tmp_path, monkeypatch, poison, where):
     real_make, real_evaluate = loop.make_optimizer, loop.evaluate
     monkeypatch.setattr(loop, "make_optimizer", lambda *a: optimizers.append(real_make(*a)) or optimizers[-1])
 
-    def poisoned_evaluate(model, *args, **kwargs):
-        poison(model, optimizers[-1])
-        return real_evaluate(model, *args, **kwargs)
+    def poisoned_evaluate(runner, *args, **kwargs):
+        poison(runner.model, optimizers[-1])
+        return real_evaluate(runner, *args, **kwargs)
 
     monkeypatch.setattr(loop, "evaluate", poisoned_evaluate)
     with pytest.raises(loop.TrainingDiverged, match=r"diverged at epoch 2: non-finite values in ") as info:

@@ -3,10 +3,10 @@ import copy
 
 import pytest
 import torch
+from tolerance import assert_all_close_scaled, assert_close_scaled
 
 from mlaan_fast.models import build_model
 from mlaan_fast.runtime import GraphedLocalStep
-from tolerance import assert_all_close_scaled, assert_close_scaled
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,9 +50,11 @@ def test_graph_replay_matches_eager(method, overlap):
         assert_close_scaled(b["loss"], a["loss"], rtol=1e-4, name="loss")
         assert_close_scaled(b["logits"], a["logits"], rtol=1e-4, name="logits")
     state = {n: p.detach() for n, p in eager.named_parameters()} | dict(eager.named_buffers())
-    graphed_state = {n: p.detach() for n, p in graphed_model.named_parameters()} | dict(graphed_model.named_buffers())
+    graphed_state = ({n: p.detach() for n, p in graphed_model.named_parameters()}
+                     | dict(graphed_model.named_buffers()))
     floating = [n for n in state if state[n].is_floating_point()]
-    assert_all_close_scaled({n: graphed_state[n] for n in floating}, {n: state[n] for n in floating}, rtol=1e-4)
+    assert_all_close_scaled({n: graphed_state[n] for n in floating}, {n: state[n] for n in floating},
+                            rtol=1e-4)
     assert all(torch.equal(graphed_state[n], state[n]) for n in state if n not in floating)
 
 
@@ -61,7 +63,8 @@ def test_graph_rejects_ambient_autocast_and_cpu_tensors():
     model = build_model("resnet20", K=3, method="mlaan").cuda()
     step = GraphedLocalStep(model, amp_dtype=torch.bfloat16)
     x, t = torch.randn(4, 3, 32, 32, device="cuda"), torch.randint(0, 10, (4,), device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="outside torch.autocast"):
+    with torch.autocast("cuda", dtype=torch.bfloat16), \
+            pytest.raises(RuntimeError, match="outside torch.autocast"):
         step(x, t)
     with pytest.raises(ValueError, match="CUDA device"):
         step(x.cpu(), t.cpu())

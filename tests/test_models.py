@@ -3,13 +3,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from tolerance import assert_all_close_scaled
 from torch import nn
 
 from mlaan_fast.models import ARCHS, build_backbone, build_model, schedules
 from mlaan_fast.nn import LAM, DGLAuxHead, InfoProAuxHead, LinearAuxHead
 from mlaan_fast.ops import target_checks
 from mlaan_fast.profiling import ActivationMeter
-from tolerance import assert_all_close_scaled
 
 MLAAN_METHODS = ("mlaan", "dgl+mlaan", "infopro+mlaan")
 
@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_batch(n=3, size=32, classes=10, dtype=torch.float32, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=g, dtype=dtype), torch.randint(0, classes, (n,), generator=g)
+    images = torch.randn(n, 3, size, size, generator=g, dtype=dtype)
+    return images, torch.randint(0, classes, (n,), generator=g)
 
 
 def twin(arch, seed=0, dtype=torch.float64, **kw):
@@ -29,7 +30,8 @@ def twin(arch, seed=0, dtype=torch.float64, **kw):
 
 
 def trainable_grads(model):
-    return {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters() if p.requires_grad}
+    return {n: (None if p.grad is None else p.grad.clone())
+            for n, p in model.named_parameters() if p.requires_grad}
 
 
 def assert_same_grads(got, want, rtol, atol):
@@ -40,7 +42,8 @@ def assert_same_grads(got, want, rtol, atol):
         if (g is None) != (w is None):
             bad.append(f"{name}: grad is None in one of them")
         elif g is not None and not torch.allclose(g, w, rtol=rtol, atol=atol):
-            bad.append(f"{name}: max |diff| {(g - w).abs().max().item():.3e}, max |want| {w.abs().max().item():.3e}")
+            bad.append(f"{name}: max |diff| {(g - w).abs().max().item():.3e}, "
+                       f"max |want| {w.abs().max().item():.3e}")
     assert not bad, "first mismatches:\n" + "\n".join(bad[:5])
 
 
@@ -395,10 +398,11 @@ def test_state_dict_round_trip():
 def test_dgl_head_layout():
     head = DGLAuxHead(32, 10)
     convs = [m for m in head.convs if isinstance(m, nn.Conv2d)]
-    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(32, 128, (1, 1)), (128, 128, (1, 1)),
-                                                                               (128, 128, (1, 1))]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (32, 128, (1, 1)), (128, 128, (1, 1)), (128, 128, (1, 1))]
     linears = [m for m in head.mlp if isinstance(m, nn.Linear)] + [head.fc]
-    assert [(m.in_features, m.out_features) for m in linears] == [(128, 512), (512, 512), (512, 512), (512, 10)]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (128, 512), (512, 512), (512, 512), (512, 10)]
     assert sum(isinstance(m, nn.BatchNorm1d) for m in head.mlp) == 3
 
 
@@ -412,7 +416,8 @@ def test_infopro_head_loss_is_weighted_bce_plus_ce():
     conv = head.classifier[0]
     assert conv.stride == (2, 2) and conv.out_channels == 32
     logits = head.fc(F.relu(head.hidden(head.classifier(feats).mean(dim=(2, 3)))))
-    recon = torch.sigmoid(head.decoder(F.interpolate(feats, size=(32, 32), mode="bilinear", align_corners=True)))
+    upsampled = F.interpolate(feats, size=(32, 32), mode="bilinear", align_corners=True)
+    recon = torch.sigmoid(head.decoder(upsampled))
     want = 2.0 * F.binary_cross_entropy(recon, pixels) + 0.5 * F.cross_entropy(logits, target)
     torch.testing.assert_close(head(feats, target, image), want, rtol=1e-10, atol=1e-12)
     assert InfoProAuxHead(64, 10, image_mean=mean, image_std=std, ixx=1, ixy=1).classifier[0].stride == (1, 1)
@@ -468,8 +473,10 @@ def test_config_records_the_resolved_settings():
     assert (cfg["arch"], cfg["method"], cfg["K"], cfg["num_classes"], cfg["num_modules"]) == \
         ("resnet32", "dgl+mlaan", 16, 10, 15)
     opts = cfg["options"]
-    assert (opts["s"], opts["w_ind"], opts["w_casc"], opts["ema_decay"], opts["lam_depth"]) == (3, 0.001, 0.999, 0.995, 4)
-    assert set(ARCHS) >= {"resnet20", "resnet32", "resnet56", "resnet110", "resnet34", "resnet101", "resnet152"}
+    assert (opts["s"], opts["w_ind"], opts["w_casc"], opts["ema_decay"], opts["lam_depth"]) == (
+        3, 0.001, 0.999, 0.995, 4)
+    assert set(ARCHS) >= {"resnet20", "resnet32", "resnet56", "resnet110", "resnet34", "resnet101",
+                          "resnet152"}
 
 
 @pytest.mark.parametrize("method", ["mlaan", "dgl+mlaan", "infopro+mlaan"])

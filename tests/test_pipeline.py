@@ -14,16 +14,16 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-
 from dist_helpers import spawn
+from tolerance import assert_all_close_scaled
+
 from mlaan_fast.models import build_model
 from mlaan_fast.runtime import LocalStep
 from mlaan_fast.runtime.distributed import GradientReducer
-from mlaan_fast.runtime.pipeline import Pipeline, PipelineError, even_partition, layouts, make_groups
+from mlaan_fast.runtime.pipeline import Pipeline, even_partition, layouts, make_groups
 from mlaan_fast.train import checkpoint as ckpt
 from mlaan_fast.train import loop
 from mlaan_fast.train.config import resolve_config
-from tolerance import assert_all_close_scaled
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -35,8 +35,11 @@ def _model(arch, K, method):
 
 def _batches(steps, replicas=1, size=8):
     g = torch.Generator().manual_seed(5)
-    return [[(torch.rand(size, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (size,), generator=g))
-             for _ in range(replicas)] for _ in range(steps)]
+    def batch():
+        images = torch.rand(size, 3, 32, 32, generator=g, dtype=torch.float64)
+        return images, torch.randint(0, 10, (size,), generator=g)
+
+    return [[batch() for _ in range(replicas)] for _ in range(steps)]
 
 
 def _engine_worker(rank, case, stages, replicas, out):
@@ -44,8 +47,9 @@ def _engine_worker(rank, case, stages, replicas, out):
     dist.init_process_group("gloo")
     model = _model(arch, K, method)
     groups = make_groups(stages, replicas, rank)
-    pipe = Pipeline(model, even_partition(model.num_modules, stages), stage=rank % stages, replica=rank // stages,
-                    device=torch.device("cpu"), groups=groups, microbatches=n, timeout_s=120,
+    pipe = Pipeline(model, even_partition(model.num_modules, stages), stage=rank % stages,
+                    replica=rank // stages, device=torch.device("cpu"), groups=groups, microbatches=n,
+                    timeout_s=120,
                     template=lambda: _model(arch, K, method))
     optimizer = torch.optim.SGD(pipe.parameters(), lr=0.1, momentum=0.9)
     reducer = GradientReducer(pipe.parameters(), groups.data_parallel)
@@ -88,8 +92,8 @@ def _compare(got, want, skip=()):
     assert_all_close_scaled({k: gm[k].double() for k in names}, {k: wm[k].double() for k in names}, rtol=1e-9)
     assert set(go["state"]) == set(wo["state"])
     # atol: DGL's Linear biases before BatchNorm1d get a gradient of zero up to rounding (1e-17).
-    assert_all_close_scaled({str(i): s["momentum_buffer"] for i, s in go["state"].items()},
-                            {str(i): s["momentum_buffer"] for i, s in wo["state"].items()}, rtol=1e-9, atol=1e-12)
+    momentum = [{str(i): s["momentum_buffer"] for i, s in o["state"].items()} for o in (go, wo)]
+    assert_all_close_scaled(*momentum, rtol=1e-9, atol=1e-12)
 
 
 # (arch, K, method, micro-batches, steps), stages: every case has windows across the stage borders;
@@ -103,7 +107,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case,stages", CASES, ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def _case_id(value) -> str:
+    return "-".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+@pytest.mark.parametrize("case,stages", CASES, ids=_case_id)
 def test_sync_equals_one_process_on_the_same_micro_batches(case, stages, tmp_path):
     model = _model(*case[:3])
     crossing = any(layout.streams_out for layout in layouts(model, even_partition(model.num_modules, stages)))
@@ -214,9 +222,11 @@ def _disagreeing_worker(rank, settings, out):
 
 
 def test_ranks_that_disagree_on_the_config_are_refused(tmp_path):
-    spawn(_disagreeing_worker, 2, {**RUN, "out": str(tmp_path / "run"), "pipeline_stages": 2}, str(tmp_path / "run"))
+    settings = {**RUN, "out": str(tmp_path / "run"), "pipeline_stages": 2}
+    spawn(_disagreeing_worker, 2, settings, str(tmp_path / "run"))
     for rank in (0, 1):
-        assert "ranks [1] were started with another configuration" in (tmp_path / f"run.rank{rank}").read_text()
+        message = (tmp_path / f"run.rank{rank}").read_text()
+        assert "ranks [1] were started with another configuration" in message
 
 
 def _faulty_worker(rank, settings, fault, out):

@@ -1,4 +1,5 @@
-"""The module splits and LAM lists of every preset equal method.md §3; the even split and LAM rule elsewhere."""
+"""The module splits and LAM lists of every preset equal method.md §3; the even split and LAM rule
+elsewhere."""
 import itertools
 
 import pytest
@@ -100,7 +101,8 @@ def test_k_maps_to_module_count():
     # Preset labels: CIFAR one-block-per-module presets count the stem (K = blocks + 1).
     assert split("resnet32", 16).num_modules == 15
     assert split("resnet110", 55).num_modules == 54
-    assert split("resnet32", 15).num_modules == 15 and split("resnet32", 15).module_ends == split("resnet32", 16).module_ends
+    assert split("resnet32", 15).num_modules == 15
+    assert split("resnet32", 15).module_ends == split("resnet32", 16).module_ends
     assert split("resnet34", 16).num_modules == 16
     assert split("resnet101", 33).num_modules == 33
     assert split("resnet20", 5).num_modules == 5
@@ -153,4 +155,5 @@ def test_rule_lams_are_well_formed(arch, K):
 def test_other_depth_on_a_preset_uses_the_rule():
     plan = split("resnet32", 16)
     shallow = lam_lists("resnet32", 16, plan.module_ends, depth=2)
-    assert shallow[0] == ((2, 0), (3, 0), (3, 4)) and shallow[5] == ((3, 0), (3, 4)) and shallow[13] == ((3, 4),)
+    assert shallow[0] == ((2, 0), (3, 0), (3, 4)) and shallow[5] == ((3, 0), (3, 4))
+    assert shallow[13] == ((3, 4),)

@@ -1,11 +1,11 @@
 """The forward-once schedule gives exactly the gradients of the published (straightforward) schedule."""
 import pytest
 import torch
+from tolerance import assert_all_close_scaled
 
 from mlaan_fast.models import build_model
 from mlaan_fast.profiling import ActivationMeter
 from mlaan_fast.runtime import LocalStep
-from tolerance import assert_all_close_scaled
 
 CASES = [
     ("resnet20", 3, "mlaan"),
@@ -37,7 +37,8 @@ def _assert_same_grads(a, b, rtol, atol):
         ga, gb = pa.grad, named_b[name].grad
         assert (ga is None) == (gb is None), f"{name}: gradient present in one schedule only"
         if ga is not None and not torch.allclose(ga, gb, rtol=rtol, atol=atol):
-            bad.append(f"{name}: max |diff| {(ga - gb).abs().max().item():.3e}, max |g| {ga.abs().max().item():.3e}")
+            bad.append(f"{name}: max |diff| {(ga - gb).abs().max().item():.3e}, "
+                       f"max |g| {ga.abs().max().item():.3e}")
     assert not bad, "gradients differ:\n" + "\n".join(bad[:10])
 
 
@@ -109,7 +110,7 @@ def test_once_forwards_each_module_once(method, s):
         model = build_model("resnet20", K=6, method=method, schedule=schedule)
         calls = []
         for module in model.local_modules:
-            module.register_forward_hook(lambda *_: calls.append(1))
+            module.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         model.local_step(*_batch(torch.float32))
         counts[schedule] = len(calls)
     M = model.num_modules

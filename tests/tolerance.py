@@ -51,8 +51,9 @@ def mismatch(got: torch.Tensor, want: torch.Tensor, *, rtol: float | None = None
     _log(name, diff / scale if scale else diff)
     if diff <= rtol * scale + atol:
         return None
-    return (f"{name}: max |diff| {diff:.3e} at {list(index)} (got {got.flatten()[_flat(index, got)].item():.6e}, "
-            f"want {want.flatten()[_flat(index, want)].item():.6e}); tensor scale max|want| {scale:.3e}, "
+    g, w = got.flatten()[_flat(index, got)].item(), want.flatten()[_flat(index, want)].item()
+    return (f"{name}: max |diff| {diff:.3e} at {list(index)} (got {g:.6e}, "
+            f"want {w:.6e}); tensor scale max|want| {scale:.3e}, "
             f"relative {diff / scale if scale else float('inf'):.2e} > rtol {rtol:.1e}")
 
 
@@ -63,8 +64,8 @@ def _flat(index: tuple[int, ...], t: torch.Tensor) -> int:
     return flat
 
 
-def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, *, rtol: float | None = None, atol: float = 0.0,
-                        name: str = "tensor") -> None:
+def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, *, rtol: float | None = None,
+                        atol: float = 0.0, name: str = "tensor") -> None:
     """Assert |got - want| <= rtol * max|want| + atol (rtol from the dtype unless given)."""
     problem = mismatch(got, want, rtol=rtol, atol=atol, name=name)
     assert problem is None, problem

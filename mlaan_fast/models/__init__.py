@@ -31,5 +31,5 @@ from mlaan_fast.models.plan import lam_lists, split
 from mlaan_fast.models.presets import PRESETS
 from mlaan_fast.models.schedules import SCHEDULES, Window
 
-__all__ = ["ARCHS", "METHODS", "PRESETS", "SCHEDULES", "LocalModel", "LocalOptions", "Window", "build_backbone",
-           "build_model", "lam_lists", "split"]
+__all__ = ["ARCHS", "METHODS", "PRESETS", "SCHEDULES", "LocalModel", "LocalOptions", "Window",
+           "build_backbone", "build_model", "lam_lists", "split"]

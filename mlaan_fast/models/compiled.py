@@ -30,7 +30,8 @@ def _own_code(fn):
     def call(*args, **kwargs):
         return fn(*args, **kwargs)
 
-    return types.FunctionType(call.__code__.replace(), call.__globals__, call.__name__, None, call.__closure__)
+    code = call.__code__.replace()
+    return types.FunctionType(code, call.__globals__, call.__name__, None, call.__closure__)
 
 
 def _compiled_forward(module: nn.Module, **kwargs):

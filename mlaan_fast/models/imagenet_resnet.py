@@ -13,7 +13,8 @@ IMAGENET_WIDTHS = (64, 128, 256, 512)
 
 def imagenet_resnet(block: type[BasicBlock | Bottleneck], layers: Sequence[int],
                     num_classes: int = 1000) -> ResNet:
-    """ResNet-18/34 (BasicBlock [2,2,2,2]/[3,4,6,3]), -50/101/152 (Bottleneck [3,4,6|23|36,3]); stride on the 3x3."""
+    """ResNet-18/34 (BasicBlock [2,2,2,2]/[3,4,6,3]), -50/101/152 (Bottleneck [3,4,6|23|36,3]);
+    stride on the 3x3."""
     stem = nn.Sequential(nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64),
                          nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1))
     stages, in_channels = [], 64

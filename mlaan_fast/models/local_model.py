@@ -111,7 +111,10 @@ class LocalModel(nn.Module):
         if frozen:
             self.frozen_shadow_bank, frozen_index, _ = self._shadow_bank(backbone, frozen, share, decay)
         for j in js:
-            bank, i = (self.shadow_bank, index[j]) if j in index else (self.frozen_shadow_bank, frozen_index[j])
+            if j in index:
+                bank, i = self.shadow_bank, index[j]
+            else:
+                bank, i = self.frozen_shadow_bank, frozen_index[j]
             copies = [copy.deepcopy(backbone.block(p)) for p in self.lam_blocks[j]]
             self.lams[str(j)] = LAM(copies, shadow_bank=bank, shadow_index=i)
 
@@ -136,7 +139,8 @@ class LocalModel(nn.Module):
     def live_block(self, position: tuple[int, int]) -> nn.Module:
         """The backbone block at (stage, block), stages from 1 (it lives inside one of ``local_modules``)."""
         if position not in self._live_blocks:
-            raise ValueError(f"live_block: no block at {position}; the backbone has {list(self._live_blocks)[-1]} last")
+            last = list(self._live_blocks)[-1]
+            raise ValueError(f"live_block: no block at {position}; the backbone has {last} last")
         return self._live_blocks[position]
 
     def module_of(self, position: tuple[int, int]) -> int:
@@ -152,11 +156,13 @@ class LocalModel(nn.Module):
 
     def auxiliary_parameters(self) -> Iterator[nn.Parameter]:
         """Trainable weights used only in training: auxiliary heads and LAM copies."""
-        aux = itertools.chain(self.ind_heads.parameters(), self.casc_heads.parameters(), self.lams.parameters())
+        aux = itertools.chain(self.ind_heads.parameters(), self.casc_heads.parameters(),
+                              self.lams.parameters())
         return (p for p in aux if p.requires_grad)
 
     def window_modules(self, j: int) -> list[nn.Module]:
-        """The auxiliary modules of module j's window: its heads and LAM (the final classifier for the last)."""
+        """The auxiliary modules of module j's window: its heads and LAM (the last module's: the final
+        classifier)."""
         if j == self.num_modules - 1:
             return [self.fc]
         return [group[str(j)] for group in (self.ind_heads, self.casc_heads, self.lams) if str(j) in group]
@@ -199,8 +205,8 @@ class LocalModel(nn.Module):
             x = module(x)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
-    def local_step(self, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None, *, overlap: bool = False,
-                   side_stream=None, on_grads_ready=None) -> dict:
+    def local_step(self, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None, *,
+                   overlap: bool = False, side_stream=None, on_grads_ready=None) -> dict:
         """images [B,3,H,W], int64 targets [B]: every local forward/backward of one iteration,
         accumulating .grad (no optimizer step).
 
@@ -215,7 +221,7 @@ class LocalModel(nn.Module):
 
     @torch.no_grad()
     def update_shadows(self) -> None:
-        """EMA of every tracked shadow towards its live block (one fused update); call after the optimizer step."""
+        """EMA of every tracked shadow towards its live block (one fused update), after the optimizer step."""
         if self.shadow_bank is not None:
             self.shadow_bank.update()
 
@@ -239,7 +245,8 @@ def lam_shadow_bank(live_blocks: list[nn.Module], decay: float) -> EMAShadow:
     return bank
 
 
-_SHADOW_STATISTICS = re.compile(r"(frozen_)?shadow_bank\.shadows\.\d+\..*(running_mean|running_var|num_batches_tracked)$")
+_SHADOW_STATISTICS = re.compile(
+    r"(frozen_)?shadow_bank\.shadows\.\d+\..*(running_mean|running_var|num_batches_tracked)$")
 
 
 def _drop_shadow_statistics(state_dict, prefix, *_args) -> None:

@@ -38,8 +38,8 @@ class LocalOptions:
                             "(the published order); same gradients", choice(*SCHEDULE_NAMES))
     mean: tuple = setting((0.4914, 0.4822, 0.4465), "dataset normalisation mean (InfoPro's decoder target)",
                           numbers_of(3, number()), metavar="M")
-    std: tuple = setting((0.2470, 0.2435, 0.2616), "dataset normalisation std", numbers_of(3, number(0, lo_open=True)),
-                         metavar="S")
+    std: tuple = setting((0.2470, 0.2435, 0.2616), "dataset normalisation std",
+                         numbers_of(3, number(0, lo_open=True)), metavar="S")
     ixx_1: float = setting(5.0, "InfoPro reconstruction weight at module 0", number(0))
     ixy_1: float = setting(0.5, "InfoPro classification weight at module 0", number(0))
     ixx_2: float = setting(0.0, "InfoPro reconstruction weight at module M-2", number(0))
@@ -80,4 +80,5 @@ def check_options(options: dict, label=lambda name: name) -> dict:
     unknown = sorted(set(options) - set(OPTION_NAMES))
     if unknown:
         raise ValueError(f"unknown model option(s) {', '.join(unknown)}; known: {', '.join(OPTION_NAMES)}")
-    return {name: settings.check_value(LocalOptions, name, value, label(name)) for name, value in options.items()}
+    return {name: settings.check_value(LocalOptions, name, value, label(name))
+            for name, value in options.items()}

@@ -1,4 +1,5 @@
-"""From (arch, K) to module boundaries and LAM block lists: the presets, else an even split and the LAM rule."""
+"""From (arch, K) to module boundaries and LAM block lists: the presets, else an even split and the
+LAM rule."""
 from __future__ import annotations
 
 from dataclasses import dataclass

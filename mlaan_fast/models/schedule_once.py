@@ -46,7 +46,7 @@ def _reach(windows, num_modules: int) -> tuple[list[int], list[bool]]:
 
 @dataclass
 class Stream:
-    """A cotangent at o_m (the output of module ``at``) of window ``window``'s term that stops at ``start``."""
+    """A cotangent at the output of module ``at``, of a term of window ``window`` that stops at ``start``."""
 
     window: int
     start: int
@@ -62,7 +62,8 @@ def once(model, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None, *
     with ``overlap``): the stream that runs the heads; ``on_grads_ready(params)``: see :class:`OnceStep`."""
     if side_stream is not None and not (overlap and images.is_cuda):
         raise ValueError("schedule 'once': side_stream needs overlap=True and a batch on a CUDA device")
-    step = OnceStep(model, images, targets, grad_scaler, side_stream=side_stream, on_grads_ready=on_grads_ready)
+    step = OnceStep(model, images, targets, grad_scaler, side_stream=side_stream,
+                    on_grads_ready=on_grads_ready)
     windows = {w.index: w for w in model.windows}
     h, behind = images, None  # behind: (window, o_j, ready) of the window deferred until module j+1 is queued
     with torch.enable_grad():
@@ -116,7 +117,7 @@ class OnceStep:
         self.logits = None
 
     def forward(self, m: int, x: torch.Tensor) -> torch.Tensor:
-        """o_m = module m on stopgrad(x) (x itself for the images); its graph is kept while windows need it."""
+        """o_m = module m on stopgrad(x) (x itself for the images); its graph stays while windows need it."""
         z = x.detach().requires_grad_(self.passes[m]) if m > 0 else x
         with torch.set_grad_enabled(self.done_at[m] >= 0):
             h = self.model.local_modules[m](z)
@@ -205,7 +206,8 @@ class OnceStep:
     def result(self) -> dict:
         """local_step's dict: total loss, per-module losses and the final logits (detached)."""
         if self.graphs:  # cannot happen for windows built by make_windows; guards hand-made window lists
-            raise RuntimeError(f"schedule 'once': modules {sorted(self.graphs)} kept a graph past their last window")
+            raise RuntimeError(f"schedule 'once': modules {sorted(self.graphs)} kept a graph past their last "
+                               "window")
         return {
             "loss": torch.stack(self.module_losses).sum(),
             "module_losses": self.module_losses,

@@ -4,7 +4,8 @@ A :class:`Window` is the objective attached to one module j (method.md §2):
 ``ind_weight * L_ind(j) + casc_weight * L_casc(j)`` where L_ind(j) is module j's head on
 E_j(stopgrad o_{j-1}) and L_casc(j) runs modules ``start..j`` without stopgrad on
 stopgrad(o_{start-1}) and then LAM_j and the cascade head (the real classifier for the last module).
-A schedule is a function ``(model, images, targets, grad_scaler, *, overlap, side_stream, on_grads_ready) -> dict``
+A schedule is a function
+``(model, images, targets, grad_scaler, *, overlap, side_stream, on_grads_ready) -> dict``
 that accumulates the gradients of every window's objective in ``.grad`` and returns the losses and
 final logits; ``overlap`` and ``side_stream`` are the runtime's switches (only ``once`` has them). It
 uses only ``model.local_modules``, ``model.windows``, ``model.independent_loss(j, h, images,
@@ -47,8 +48,8 @@ def backward(objective: torch.Tensor, grad_scaler=None) -> None:
     (objective if grad_scaler is None else grad_scaler.scale(objective)).backward()
 
 
-def straightforward(model, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None, *, overlap: bool = False,
-                    side_stream=None, on_grads_ready=None) -> dict:
+def straightforward(model, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None, *,
+                    overlap: bool = False, side_stream=None, on_grads_ready=None) -> dict:
     """The published schedule: module j runs on stopgrad(o_{j-1}) and its independent loss is
     back-propagated at once; then window j runs its modules again from stopgrad(o_{start-1}) and its
     cascaded loss is back-propagated. Every module is forwarded s+1 times; at most one window's

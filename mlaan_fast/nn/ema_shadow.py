@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +46,7 @@ class EMAShadow(nn.Module):
         self.register_load_state_dict_post_hook(EMAShadow._after_load)
 
     @staticmethod
-    def _after_load(module: "EMAShadow", _incompatible_keys) -> None:
+    def _after_load(module: EMAShadow, _incompatible_keys) -> None:
         module._rebind()
 
     def _rebind(self) -> None:

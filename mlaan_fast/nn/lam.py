@@ -1,4 +1,5 @@
-"""LAM (leap augmented module): trainable copies of downstream blocks, the first one augmented by a frozen EMA shadow."""
+"""LAM (leap augmented module): trainable copies of downstream blocks, the first one augmented by a
+frozen EMA shadow."""
 from __future__ import annotations
 
 from collections.abc import Sequence

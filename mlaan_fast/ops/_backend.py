@@ -28,13 +28,14 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for that cannot run on this machine or on these tensors."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_extension():
     """Import ``mlaan_fast._C`` once; return ``(module or None, reason)``."""
     try:
         module = importlib.import_module("mlaan_fast._C")
     except Exception as exc:  # ImportError, or an undefined-symbol OSError from a stale build
-        return None, f"mlaan_fast._C did not load ({type(exc).__name__}: {exc}); rebuild with `pip install --no-build-isolation -e .`"
+        return None, (f"mlaan_fast._C did not load ({type(exc).__name__}: {exc}); rebuild with "
+                      "`pip install --no-build-isolation -e .`")
     return module, "mlaan_fast._C loaded"
 
 
@@ -51,7 +52,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import():
     try:
         import triton  # noqa: F401
@@ -67,7 +68,7 @@ def available_backends() -> dict[str, tuple[bool, str]]:
     return dict(_probe_backends(triton_interpreted(), torch.cuda.is_available()))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe_backends(interpreted: bool, cuda_visible: bool) -> tuple[tuple[str, tuple[bool, str]], ...]:
     out = {"reference": (True, "plain PyTorch, always available")}
     module, why = load_extension()
@@ -75,8 +76,9 @@ def _probe_backends(interpreted: bool, cuda_visible: bool) -> tuple[tuple[str, t
     if module is None:
         out["cuda"] = (False, why)
     elif not extension_has_cuda():
-        out["cuda"] = (False, "mlaan_fast._C was built without CUDA kernels (no toolkit, a toolkit of another CUDA "
-                              "major version than torch's, or MLAAN_FAST_SKIP_CUDA=1; the build printed which)")
+        out["cuda"] = (False, "mlaan_fast._C was built without CUDA kernels (no toolkit, a toolkit of "
+                              "another CUDA major version than torch's, or MLAAN_FAST_SKIP_CUDA=1; the "
+                              "build said which)")
     elif not cuda_visible:
         out["cuda"] = (False, "CUDA kernels are built but no CUDA device is visible")
     else:

@@ -25,7 +25,7 @@ import contextlib
 import contextvars
 import functools
 import numbers
-from typing import List, Optional
+from typing import List, Optional  # noqa: UP035 (torch 2.6 infers custom-op schemas from typing.List only)
 
 import torch
 import torch.nn.functional as F
@@ -297,7 +297,7 @@ _triton_forward.register_fake(_forward_fake)
 @torch.library.custom_op("mlaan_fast::aux_head_loss_backward_input_triton", mutates_args=())
 def _triton_backward_input(grad_losses: torch.Tensor, grad_logits: OptionalTensor, logits: torch.Tensor,
                            lse: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                           label_smoothing: float, features_shape: List[int], features_dtype: torch.dtype,
+                           label_smoothing: float, features_shape: List[int], features_dtype: torch.dtype,  # noqa: UP006
                            channels_last: bool) -> torch.Tensor:
     """The contract of mlaan_fast::aux_head_loss_backward_input on a Triton kernel."""
     return _kernels().backward_input(grad_losses, grad_logits, logits, lse, weight, target, label_smoothing,

@@ -49,7 +49,8 @@ class GraphedLocalStep:
         if not torch.cuda.is_available():
             raise RuntimeError("GraphedLocalStep: CUDA graphs need a CUDA device; none is available")
         if amp_dtype not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(f"GraphedLocalStep: amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype}")
+            raise ValueError("GraphedLocalStep: amp_dtype must be None, torch.bfloat16 or torch.float16, "
+                             f"got {amp_dtype}")
         if warmup < 1:
             raise ValueError(f"GraphedLocalStep: warmup must be >= 1, got {warmup}")
         self.model, self.amp_dtype, self.warmup, self.max_graphs = model, amp_dtype, warmup, max_graphs
@@ -64,9 +65,10 @@ class GraphedLocalStep:
         """How many batch shapes have been captured."""
         return len(self._graphs)
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None, on_grads_ready=None) -> dict:
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None,
+                 on_grads_ready=None) -> dict:
         """images [B,3,H,W] and int64 targets [B] on the model's GPU -> local_step's dict (fresh tensors).
-        ``on_grads_ready`` is not called: a replayed graph cannot call back, gradients are reduced after it."""
+        ``on_grads_ready`` is not called: a replayed graph cannot call back; gradients are reduced after."""
         if not (images.is_cuda and targets.is_cuda):
             raise ValueError(f"GraphedLocalStep: images and targets must be on a CUDA device, got "
                              f"{images.device} and {targets.device}")
@@ -89,7 +91,8 @@ class GraphedLocalStep:
         return _fresh(entry.out)
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None,
+        return torch.autocast("cuda", dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None,
                               cache_enabled=False)
 
     def _local_step(self, images, targets, grad_scaler) -> dict:
@@ -119,15 +122,18 @@ class GraphedLocalStep:
         torch.cuda.synchronize()
         try:
             # thread_local: a DataLoader's pin-memory thread may call CUDA while we capture.
-            with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream(), capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream(),
+                                  capture_error_mode="thread_local"):
                 with self._autocast():
                     out = self._local_step(static_images, static_targets, grad_scaler)
         except RuntimeError as exc:
-            raise RuntimeError("GraphedLocalStep: the step could not be captured in a CUDA graph (something in it "
-                               f"synchronises with the host or changes shape); run without CUDA graphs. Cause: {exc}"
+            raise RuntimeError("GraphedLocalStep: the step could not be captured in a CUDA graph (something "
+                               "in it synchronises with the host or changes shape); run without CUDA graphs. "
+                               f"Cause: {exc}"
                                ) from exc
         self._pool = graph.pool()
-        return _Graph(graph, static_images, static_targets, out, [(p, p.grad) for p in params if p.grad is not None])
+        grads = [(p, p.grad) for p in params if p.grad is not None]
+        return _Graph(graph, static_images, static_targets, out, grads)
 
 
 def _fresh(out: dict) -> dict:

@@ -36,7 +36,8 @@ class MicroBatchScale:
 def combine_microbatches(outs: list[dict]) -> dict:
     """local_step dicts of micro-batches -> one: losses averaged, logits concatenated (None if absent)."""
     n = len(outs)
-    module_losses = [sum(o["module_losses"][m] for o in outs) / n for m in range(len(outs[0]["module_losses"]))]
+    modules = range(len(outs[0]["module_losses"]))
+    module_losses = [sum(o["module_losses"][m] for o in outs) / n for m in modules]
     logits = [o["logits"] for o in outs]
     return {"loss": torch.stack(module_losses).sum(), "module_losses": module_losses,
             "logits": None if any(t is None for t in logits) else torch.cat(logits)}
@@ -55,7 +56,8 @@ class LocalStep:
     def __init__(self, model, *, overlap: bool = False, amp_dtype: torch.dtype | None = None,
                  check_targets: bool = True, microbatches: int = 1):
         if amp_dtype not in AMP_DTYPES:
-            raise ValueError(f"LocalStep: amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype}")
+            raise ValueError("LocalStep: amp_dtype must be None, torch.bfloat16 or torch.float16, "
+                             f"got {amp_dtype}")
         self.model, self.amp_dtype = model, amp_dtype
         self.overlap = check_overlap(model, overlap)
         self.check_targets = boolean("check_targets", check_targets)
@@ -66,8 +68,9 @@ class LocalStep:
             return nullcontext()
         return torch.autocast(device.type, dtype=self.amp_dtype)
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None, on_grads_ready=None) -> dict:
-        """images [B,3,H,W], int64 targets [B] on the model's device -> local_step's dict (gradients in .grad);
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, grad_scaler=None,
+                 on_grads_ready=None) -> dict:
+        """images [B,3,H,W], int64 targets [B] on the model's device -> local_step's dict (.grad filled);
         ``on_grads_ready(params)`` hears of gradients complete for the step (the last micro-batch's)."""
         side = side_stream(images.device) if self.overlap and images.is_cuda else None
         n = self.microbatches
@@ -75,8 +78,8 @@ class LocalStep:
             raise ValueError(f"microbatches: {n} micro-batches of a batch of {images.shape[0]} images")
         with self._autocast(images.device), target_checks(self.check_targets):
             if n == 1:
-                return self.model.local_step(images, targets, grad_scaler, overlap=self.overlap, side_stream=side,
-                                             on_grads_ready=on_grads_ready)
+                return self.model.local_step(images, targets, grad_scaler, overlap=self.overlap,
+                                             side_stream=side, on_grads_ready=on_grads_ready)
             scale = MicroBatchScale(grad_scaler, n)
             chunks = list(zip(images.tensor_split(n), targets.tensor_split(n)))
             return combine_microbatches([

@@ -7,7 +7,7 @@ _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The second stream of a CUDA ``device`` on which the auxiliary heads run with ``overlap`` (one per device)."""
+    """The second stream of a CUDA ``device`` (one per device): the heads run there with ``overlap``."""
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"side_stream: a CUDA device is needed, got {device}")

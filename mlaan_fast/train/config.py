@@ -73,7 +73,8 @@ class TrainConfig:
 
     dataset: str = setting("digits", "default: digits (offline demo)", choice(*DATASETS), group=_WHAT,
                            resume=True)
-    data_dir: str = setting("data", "folder holding the dataset files (never downloaded)", text(), group=_WHAT)
+    data_dir: str = setting("data", "folder holding the dataset files (never downloaded)", text(),
+                            group=_WHAT)
     recipe: str = setting("demo", "hyper-parameter defaults: 'paper' (published recipe; default for "
                           "cifar10/svhn/stl10/imagenet) or 'demo' (short run; default for digits/synthetic)",
                           choice(*RECIPES), group=_WHAT)
@@ -84,8 +85,8 @@ class TrainConfig:
     K: int = setting(4, "number of gradient-isolated modules", integer(1), flag="--K", aliases=("--k",),
                      group=_WHAT)
     epochs: int = setting(4, "epochs to train", integer(1), group=_OPT, resume=True)
-    batch_size: int = setting(64, "global batch, split evenly over data-parallel ranks", integer(1), group=_OPT,
-                              resume=True)
+    batch_size: int = setting(64, "global batch, split evenly over data-parallel ranks", integer(1),
+                              group=_OPT, resume=True)
     lr: float = setting(0.1, "peak learning rate (after warm-up)", number(0, lo_open=True), group=_OPT,
                         resume=True)
     momentum: float = setting(0.9, "SGD momentum", number(0, 1, hi_open=True), group=_OPT, resume=True)
@@ -105,8 +106,9 @@ class TrainConfig:
     microbatches: int = setting(1, "run each batch as n micro-batches whose gradients are averaged (gradient "
                                 "accumulation; with a pipeline, what flows through the stages)", integer(1),
                                 group=_PARALLEL)
-    pipeline_stages: int = setting(1, "module pipeline: the model's modules on this many processes (torchrun; "
-                                   "world size = stages x data-parallel replicas)", integer(1), group=_PARALLEL)
+    pipeline_stages: int = setting(1, "module pipeline: the model's modules on this many processes "
+                                   "(torchrun; world size = stages x data-parallel replicas)", integer(1),
+                                   group=_PARALLEL)
     pipeline_mode: str = setting("sync", "sync (exact, micro-batches flushed every step) or async (no flush, "
                                  "gradients across stages one step late)", choice("sync", "async"),
                                  group=_PARALLEL)
@@ -115,8 +117,8 @@ class TrainConfig:
     comm_timeout: float = setting(600.0, "seconds a rank waits for another before stopping with an error",
                                   number(0, lo_open=True), group=_PARALLEL)
     seed: int = setting(0, "seed of every random number generator", integer(0), group=_SPEED, resume=True)
-    deterministic: bool = setting(False, "torch.use_deterministic_algorithms (bitwise-repeatable runs, slower)",
-                                  boolean, group=_SPEED)
+    deterministic: bool = setting(False, "torch.use_deterministic_algorithms (bitwise-repeatable runs, "
+                                  "slower)", boolean, group=_SPEED)
     workers: int = setting(_default_workers(), "DataLoader worker processes", integer(0), group=_SPEED)
     device: str = setting("auto", "auto (default), cpu, cuda, cuda:N", _device_check, group=_SPEED)
     max_steps_per_epoch: int | None = setting(None, "cap on batches per epoch (short runs)",
@@ -130,27 +132,33 @@ class TrainConfig:
             setattr(self, name, value)
         self.options = check_options(self.options)
         if self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs: must be in [0, epochs={self.epochs}], got {self.warmup_epochs:g} "
-                             "(pass --warmup-epochs with --epochs)")
+            raise ValueError(f"warmup_epochs: must be in [0, epochs={self.epochs}], got "
+                             f"{self.warmup_epochs:g} (pass --warmup-epochs with --epochs)")
         if self.cuda_graphs and self.compile:
             raise ValueError("cuda_graphs and compile: choose one (--cuda-graphs replays the whole step; "
                              "--compile compiles each module)")
         if self.cuda_graphs and self.microbatches > 1:
             raise ValueError("cuda_graphs and microbatches: a captured step runs the whole batch; choose one")
         if self.microbatches > self.batch_size:
-            raise ValueError(f"microbatches: {self.microbatches} micro-batches of a batch of {self.batch_size}")
+            raise ValueError(f"microbatches: {self.microbatches} micro-batches of a batch of "
+                             f"{self.batch_size}")
         if self.pipeline_stages > 1:
-            for name, bad, why in (("cuda_graphs", self.cuda_graphs, "a captured graph cannot wait for other stages"),
-                                   ("compile", self.compile, "stages run parts of the model; compile each "
-                                    "stage's modules is not supported"),
-                                   ("overlap", self.overlap, "a pipeline stage already overlaps with the others"),
-                                   ("amp fp16", self.amp == "fp16", "the gradient scaler would skip steps stage by "
-                                    "stage; use --amp bf16")):
-                if bad:
-                    raise ValueError(f"pipeline_stages={self.pipeline_stages} and {name}: not together ({why})")
-            if self.pipeline_mode == "async" and self.microbatches > 1:
-                raise ValueError("microbatches: the async pipeline steps on whole batches; use --pipeline-mode sync")
+            self._check_pipeline()
         return self
+
+    def _check_pipeline(self) -> None:
+        """What a module pipeline cannot be combined with, refused with the reason."""
+        conflicts = (("cuda_graphs", self.cuda_graphs, "a captured graph cannot wait for other stages"),
+                     ("compile", self.compile, "compiling a stage's share of the model is not supported"),
+                     ("overlap", self.overlap, "a pipeline stage already overlaps with the others"),
+                     ("amp fp16", self.amp == "fp16", "the gradient scaler would skip steps stage by stage; "
+                      "use --amp bf16"))
+        for name, bad, why in conflicts:
+            if bad:
+                raise ValueError(f"pipeline_stages={self.pipeline_stages} and {name}: not together ({why})")
+        if self.pipeline_mode == "async" and self.microbatches > 1:
+            raise ValueError("microbatches: the async pipeline steps on whole batches; use "
+                             "--pipeline-mode sync")
 
     def model_kwargs(self) -> dict:
         """Keyword options for ``build_model``: the ones set explicitly."""
@@ -215,7 +223,7 @@ def recipe_values(dataset: str, recipe: str | None = None) -> dict:
 
 def resolve_config(explicit: dict, config_file: str | Path | None = None,
                    base: dict | None = None) -> TrainConfig:
-    """Resolve a config: defaults < recipe (or ``base``, a resumed run's config) < YAML file < ``explicit``."""
+    """Resolve a config: defaults < recipe (or ``base``, a resumed run's config) < YAML < ``explicit``."""
     from_file = _checked(load_yaml(config_file), f"--config {config_file}") if config_file else {}
     explicit = _checked(explicit, None)
     if base is None:
@@ -243,7 +251,8 @@ def _checked(values: dict, where: str | None) -> dict:
     label = settings.flag_name if where is None else (lambda name: name)
     try:
         values = _fold_options(values, where or "command line")
-        out = {k: settings.check_value(TrainConfig, k, v, label(k)) for k, v in values.items() if k != "options"}
+        out = {k: settings.check_value(TrainConfig, k, v, label(k))
+               for k, v in values.items() if k != "options"}
         out["options"] = check_options(values["options"], label)
     except (TypeError, ValueError) as exc:
         raise type(exc)(str(exc) if where is None else f"{where}: {exc}") from None

@@ -41,11 +41,11 @@ def pipeline_shape(cfg, dinfo: DistInfo, num_modules: int) -> tuple[int, int]:
         raise ValueError(f"pipeline_stages={P} needs {P} processes per replica, this run has {dinfo.world} "
                          f"(start it with torchrun --nproc_per_node={P} -m mlaan_fast train ...)")
     if dinfo.world % P:
-        raise ValueError(f"pipeline_stages={P}: the {dinfo.world} processes do not divide into replicas of {P} "
-                         "stages (world size = stages x data-parallel replicas)")
+        raise ValueError(f"pipeline_stages={P}: the {dinfo.world} processes do not divide into replicas of "
+                         f"{P} stages (world size = stages x data-parallel replicas)")
     if P > num_modules:
-        raise ValueError(f"pipeline_stages={P} for a model of {num_modules} modules; use at most {num_modules} "
-                         "(or a larger K)")
+        raise ValueError(f"pipeline_stages={P} for a model of {num_modules} modules; use at most "
+                         f"{num_modules} (or a larger K)")
     return dinfo.rank % P, dinfo.rank // P
 
 

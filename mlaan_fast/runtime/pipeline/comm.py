@@ -34,7 +34,8 @@ class Link:
 
     def _fail(self, what: str, exc: Exception) -> PipelineError:
         cause = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        return PipelineError(f"pipeline stage {self.stage}: {what} stage {self.peer_stage} (rank {self.peer}) "
+        peer = f"stage {self.peer_stage} (rank {self.peer})"
+        return PipelineError(f"pipeline stage {self.stage}: {what} {peer} "
                              f"failed or timed out after {self.timeout.total_seconds():g}s: {cause}")
 
     def wait(self, work, what: str) -> None:

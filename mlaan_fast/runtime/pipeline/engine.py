@@ -79,9 +79,11 @@ class Pipeline:
         P = partition.num_stages
         self.layout = layout = layouts(model, partition)[stage]
         if mode == "async" and microbatches != 1:
-            raise ValueError("microbatches: the async pipeline steps on whole batches; use --pipeline-mode sync")
+            raise ValueError("microbatches: the async pipeline steps on whole batches; use "
+                             "--pipeline-mode sync")
         if mode == "async" and any(s < layout.first for _, s in layout.streams_in):
-            raise ValueError(f"pipeline_mode async: stage {stage} holds {layout.last - layout.first + 1} module(s), "
+            held = layout.last - layout.first + 1
+            raise ValueError(f"pipeline_mode async: stage {stage} holds {held} module(s), "
                              "fewer than a window spans; use fewer stages or the sync mode")
         self.model, self.partition, self.mode, self.n = model, partition, mode, microbatches
         self.template = template  # () -> a whole LocalModel on the CPU, for the gathered state (rank 0)
@@ -237,7 +239,8 @@ class Pipeline:
         stage = self.stage
         self._weights_sent += 1
         for q, positions in self.layout.live_out.items():
-            flat = torch.cat([p.detach().reshape(-1) for pos in positions for p in stage.boundary_parameters(pos)])
+            flat = torch.cat([p.detach().reshape(-1) for pos in positions
+                              for p in stage.boundary_parameters(pos)])
             link = self.weights_out[q]
             self._weight_sends.append((self._weights_sent, link, link.isend(flat), flat))
         # A holder (stage q < this one) takes message c - lag at its c-th update and is never behind this
@@ -301,7 +304,9 @@ class Pipeline:
         """The whole model's state dict and the single-process optimizer state on rank 0 (None elsewhere),
         from replica 0's stages (every rank must call it)."""
         names = self.stage.parameter_names()
-        mine = (self.stage.owned_state(), optimizer_state_by_name(optimizer, names)) if self.replica == 0 else None
+        mine = None
+        if self.replica == 0:
+            mine = (self.stage.owned_state(), optimizer_state_by_name(optimizer, names))
         rank = dist.get_rank()
         gathered = [None] * dist.get_world_size() if rank == 0 else None
         dist.gather_object(mine, gathered, dst=0)

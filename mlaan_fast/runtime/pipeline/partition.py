@@ -75,7 +75,8 @@ def balanced_partition(costs: list[float], num_stages: int) -> Partition:
     for c in costs:
         prefix.append(prefix[-1] + c)
     inf = float("inf")
-    # best[p][m]: the smallest max stage cost of the first m modules in p stages; cut[p][m]: where the last begins.
+    # best[p][m]: the smallest max stage cost of the first m modules in p stages; cut[p][m]: where the
+    # last of those stages begins.
     best = [[inf] * (M + 1) for _ in range(num_stages + 1)]
     cut = [[0] * (M + 1) for _ in range(num_stages + 1)]
     best[0][0] = 0.0

@@ -126,7 +126,8 @@ class StageModel:
     def __init__(self, model, layout: StageLayout, device: torch.device):
         self.model, self.layout = model, layout
         self.all_parameter_names = [n for n, p in model.named_parameters() if p.requires_grad]
-        owned_positions = {pos for pos in model._live_blocks if layout.first <= model.module_of(pos) <= layout.last}
+        owned_positions = {pos for pos in model._live_blocks
+                           if layout.first <= model.module_of(pos) <= layout.last}
         self.boundary = {pos: _frozen_copy(model.live_block(pos)) for refs in layout.live_in.values()
                          for pos in refs}
         lam_refs = {j: _shadow_ref(model, j) for j in layout.windows}
