@@ -102,8 +102,8 @@ def _stage_worker(rank, world, port, args, mode, n, partition, out):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     model = _model(args)
-    pipe = Pipeline(model, partition, stage=rank, replica=0, device=device, groups=make_groups(world, 1, rank),
-                    mode=mode, microbatches=n, timeout_s=600)
+    pipe = Pipeline(model, partition, stage=rank, replica=0, device=device,
+                    groups=make_groups(world, 1, rank), mode=mode, microbatches=n, timeout_s=600)
     optimizer = torch.optim.SGD(pipe.parameters(), lr=0.01, momentum=0.9)
     batches = _batches(args, device)
     warm = _timed_steps(pipe.step, optimizer, pipe.update_shadows, batches, 0, args.warmup, device)
@@ -146,7 +146,8 @@ def pipeline(args, stages: int, mode: str, n: int, partition) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet32")
     parser.add_argument("--K", type=int, default=16)
     parser.add_argument("--method", default="mlaan")
@@ -158,7 +159,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="3 steps, 2 rounds")
-    parser.add_argument("--out-dir", default=None, help="CSV folder (default benchmarks/results)")
+    parser.add_argument("--out", "--out-dir", dest="out_dir", default=None,
+                        help="CSV folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.rounds = 3, 2
@@ -196,7 +198,8 @@ def main(argv=None) -> int:
         provider = f"{kind} P={P} {label}" if kind == "pipeline" else f"1 process, {label}"
         per_round = [statistics.median(run[0]["times"]) for run in runs]
         ips = sorted(args.batch / t for t in per_round)
-        csv.add("pipeline", provider, shape, "throughput", "images/s", statistics.median(ips), ips[0], ips[-1])
+        csv.add("pipeline", provider, shape, "throughput", "images/s", statistics.median(ips), ips[0],
+                ips[-1])
         ratios = sorted(b / t for b, t in zip(base, per_round))
         csv.add("pipeline", provider, shape, "speedup_vs_1_process_1_thread", "x", statistics.median(ratios),
                 ratios[0], ratios[-1])

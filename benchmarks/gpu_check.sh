@@ -107,7 +107,13 @@ esac
 
 # 4. Every benchmark, each with a share of what is left (weights: train step 3, aux head 2, others 1).
 #    The train step runs every variant; 'compiled' (torch.compile: minutes of compiling) comes last.
-BENCHES=$(ls benchmarks/bench_*.py 2>/dev/null | grep -v bench_train_step.py; ls benchmarks/bench_train_step.py 2>/dev/null)
+#    The module pipeline needs one GPU per stage: it runs with 2 or more GPUs (and in --cpu mode).
+GPUS=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+STAGES=""
+for p in 2 4 8; do { [ "$MODE" = cpu ] && [ "$p" = 2 ]; } || [ "$GPUS" -ge "$p" ] && STAGES="$STAGES $p"; done
+BENCHES=$(ls benchmarks/bench_*.py 2>/dev/null | grep -v -e bench_train_step.py -e bench_pipeline.py
+          [ -n "$STAGES" ] && ls benchmarks/bench_pipeline.py 2>/dev/null
+          ls benchmarks/bench_train_step.py 2>/dev/null)
 weight() { case "$1" in *bench_train_step.py) echo 3 ;; *bench_aux_head.py) echo 2 ;; *) echo 1 ;; esac; }
 remaining_weight=0
 for b in $BENCHES; do remaining_weight=$((remaining_weight + $(weight "$b"))); done
@@ -121,6 +127,8 @@ for b in $BENCHES; do
     args+=(--budget "$(( share > 20 ? share - 15 : share * 3 / 4 ))")
   fi
   [ "$name" = bench_train_step ] && args+=(--no-plot)
+  # shellcheck disable=SC2086
+  [ "$name" = bench_pipeline ] && args+=(--stages $STAGES)
   run "$name" "$share" $PY "$b" "${args[@]}"
 done
 
