@@ -37,6 +37,7 @@ from mlaan_fast.runtime.pipeline import (  # noqa: E402
     make_groups,
     measure_module_costs,
 )
+from mlaan_fast.runtime.runner import ModelRunner  # noqa: E402
 
 MIB = 2.0**20
 
@@ -129,8 +130,29 @@ def _stage_worker(rank, world, port, args, mode, n, partition, out):
     dist.destroy_process_group()
 
 
-def pipeline(args, stages: int, mode: str, n: int, partition) -> list[dict]:
-    """Per-stage results of one pipeline run (P processes, one thread each)."""
+def _dp_worker(rank, world, port, args, overlap, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    model = _model(args).to(device)
+    runner = ModelRunner(model, LocalStep(model, check_targets=False), overlap_allreduce=overlap)
+    optimizer = torch.optim.SGD(runner.parameters(), lr=0.01, momentum=0.9)
+
+    def step(images, targets):
+        runner.step(images, targets)
+        runner.reduce_gradients()
+
+    batches = _batches(args, device)
+    _timed_steps(step, optimizer, runner.update_shadows, batches, 0, args.warmup, device)
+    runner.reducer.waited_s = 0.0
+    times = _timed_steps(step, optimizer, runner.update_shadows, batches, 0, args.steps, device)
+    torch.save({"times": times, "waited": runner.reducer.waited_s / args.steps}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def _spawn(worker, world: int, *args) -> list[dict]:
+    """Run ``worker(rank, world, port, *args, out)`` in ``world`` processes; -> each rank's saved dict."""
     import socket
 
     import torch.multiprocessing as mp
@@ -139,10 +161,14 @@ def pipeline(args, stages: int, mode: str, n: int, partition) -> list[dict]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "stage")
-        mp.start_processes(_stage_worker, args=(stages, port, args, mode, n, partition, out),
-                           nprocs=stages, start_method="spawn")
-        return [torch.load(f"{out}.{r}") for r in range(stages)]
+        out = os.path.join(tmp, "rank")
+        mp.start_processes(worker, args=(world, port, *args, out), nprocs=world, start_method="spawn")
+        return [torch.load(f"{out}.{r}") for r in range(world)]
+
+
+def pipeline(args, stages: int, mode: str, n: int, partition) -> list[dict]:
+    """Per-stage results of one pipeline run (P processes, one thread each)."""
+    return _spawn(_stage_worker, stages, args, mode, n, partition)
 
 
 def main(argv=None) -> int:
@@ -159,6 +185,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="3 steps, 2 rounds")
+    parser.add_argument("--data-parallel", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time 2 data-parallel processes with and without the overlapped all-reduce")
     parser.add_argument("--out", "--out-dir", dest="out_dir", default=None,
                         help="CSV folder (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -181,12 +209,19 @@ def main(argv=None) -> int:
         print(part.describe(), flush=True)
         configs += [("pipeline", P, f"sync n={n}", "sync", (n, part)) for n in args.microbatches]
         configs += [("pipeline", P, "async", "async", (1, part))]
+    if args.data_parallel:
+        # Plain data parallelism on 2 processes, each the whole model on half the batch's work
+        # (the same per-rank batch): all-reduce overlapped with the step, or all at its end.
+        configs += [("data-parallel", 2, "overlapped all-reduce", True, None),
+                    ("data-parallel", 2, "all-reduce at the end", False, None)]
     results: dict[tuple, list] = {}
     for r in range(args.rounds):
         for kind, P, label, mode, extra in configs:
             if kind == "single":
                 threads = 1 if label == "1 thread" else max(args.stages)
                 res = [single_process(args, threads, device)]
+            elif kind == "data-parallel":
+                res = _spawn(_dp_worker, P, args, mode)
             else:
                 res = pipeline(args, P, mode, *extra)
             results.setdefault((kind, P, label), []).append(res)
@@ -195,8 +230,11 @@ def main(argv=None) -> int:
 
     base = [statistics.median(run[0]["times"]) for run in results[("single", 1, "1 thread")]]
     for (kind, P, label), runs in results.items():
-        provider = f"{kind} P={P} {label}" if kind == "pipeline" else f"1 process, {label}"
-        per_round = [statistics.median(run[0]["times"]) for run in runs]
+        provider = {"pipeline": f"pipeline P={P} {label}", "single": f"1 process, {label}",
+                    "data-parallel": f"data parallel D={P}, {label}"}[kind]
+        # Data-parallel ranks each step on a batch of their own: the run trains P batches per step.
+        batches = P if kind == "data-parallel" else 1
+        per_round = [statistics.median(run[0]["times"]) / batches for run in runs]
         ips = sorted(args.batch / t for t in per_round)
         csv.add("pipeline", provider, shape, "throughput", "images/s", statistics.median(ips), ips[0],
                 ips[-1])
@@ -204,6 +242,11 @@ def main(argv=None) -> int:
         csv.add("pipeline", provider, shape, "speedup_vs_1_process_1_thread", "x", statistics.median(ratios),
                 ratios[0], ratios[-1])
         last = runs[-1]
+        if kind == "data-parallel":
+            waited = sorted(run[0]["waited"] / statistics.median(run[0]["times"]) for run in runs)
+            csv.add("pipeline", provider, shape, "waiting_for_all_reduce", "%",
+                    100 * statistics.median(waited), 100 * waited[0], 100 * waited[-1])
+            continue
         for p, stage in enumerate(last):
             where = f"{provider} stage {p}" if kind == "pipeline" else provider
             step_s = statistics.median(stage["times"])
