@@ -19,6 +19,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def _versions() -> str:
+    import platform
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    device = f"CUDA {torch.cuda.get_device_name()}" if HAS_CUDA else "no GPU"
+    return (f"Python {platform.python_version()}, torch {torch.__version__}, triton {triton_version}, "
+            f"{torch.get_num_threads()} threads, {device}")
+
+
+def pytest_report_header(config):
+    return f"mlaan_fast tests on {_versions()}"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter):
+    # repeated at the end: a CI log that keeps only its tail still says which versions failed
+    terminalreporter.write_line(f"ran on {_versions()}")
+
+
 def pytest_sessionfinish(session, exitstatus):
     # A selection with no tests (exit code 5) is not a failure of the suite.
     if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:

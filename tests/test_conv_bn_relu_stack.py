@@ -115,6 +115,25 @@ def test_eval_and_no_grad_use_the_modules():
     assert not any(torch.equal(a, b) for a, b in zip(stack.buffers(), before) if a.dtype.is_floating_point)
 
 
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_stack_has_the_eager_gradients(backend):
+    # torch 2.11 traced the forward's in-place ReLU on the batch-norm output so that the input's
+    # gradient came out all zeros (and with it every gradient below a compiled DGL head)
+    torch._dynamo.reset()
+    eager = make_stack(5)
+    compiled = copy.deepcopy(eager)
+    x = torch.randn(4, 5, 3, 2, dtype=torch.float64, requires_grad=True)
+    cot = torch.randn(4, 12, 3, 2, dtype=torch.float64)
+    run = torch.compile(lambda t: conv_bn_relu_stack(t, compiled), backend=backend, fullgraph=True)
+    got, want = run(x), conv_bn_relu_stack(x, eager)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(grads(got, [x, *compiled.parameters()], cot), grads(want, [x, *eager.parameters()], cot)):
+        assert g.abs().max() > 0
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    for b, a in zip(compiled.buffers(), eager.buffers()):  # running statistics updated once, alike
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=0)
+
+
 def test_rejects_other_layers():
     with pytest.raises(ValueError, match="1x1"):
         stack = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())

@@ -60,7 +60,10 @@ class _ConvBNReLUStack(torch.autograd.Function):
             z = F.conv2d(y, w.to(dtype))
             out, mean, invstd = torch.ops.aten.native_batch_norm(
                 z, gamma, beta, running[2 * i], running[2 * i + 1], True, momentum, eps)
-            y = out.relu_()
+            # In place in eager mode (no second tensor); out of place under torch.compile, where some
+            # releases (2.11 among them) trace an in-place op on this output wrongly and give a
+            # zero gradient for x (inductor fuses the ReLU either way).
+            y = out.relu() if torch.compiler.is_compiling() else out.relu_()
             saved.append(z)
             stats += [mean, invstd]
             del out

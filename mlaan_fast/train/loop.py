@@ -366,6 +366,7 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
             sampler.set_epoch(epoch)
             stats = train_one_epoch(runner, loader, optimizer, scheduler, scaler, cfg, device, dist_info,
                                     epoch, steps, info.num_classes, show_progress=verbose)
+            runner.drain()  # an async pipeline ends each epoch as a run resumed from its checkpoint starts
             runner.broadcast_buffers()  # BatchNorm statistics of the first replica, as DDP does
             test_loss, test_acc = evaluate(runner, test_loader, device, cfg.amp, cfg.channels_last,
                                            info.num_classes)
@@ -385,7 +386,6 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
                                             whole_state=whole)
                 _save_epoch(run_dir, state, improved, metrics, row)
 
-        runner.drain()
         summary = {}
         if main:
             summary = summarize(metrics.rows, run_dir=str(run_dir), arch=cfg.arch, method=cfg.method, K=cfg.K,

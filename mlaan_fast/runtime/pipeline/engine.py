@@ -17,7 +17,8 @@ The streams of the windows that cross into it arrive one step late and are added
 step's gradient, back-propagated through its last modules recomputed on the stored input with
 the current weights (their BatchNorm statistics untouched). EMA shadows on stage p follow stage
 q's weights sent after q's step t - (q - p) - 1 (received without waiting), sync mode uses the
-weights of the same step.
+weights of the same step. Each epoch ends with ``drain``: the last batch's streams are dropped and
+every stage is left as a run resumed from the epoch's checkpoint starts, so resuming is exact.
 
 Messages of different kinds travel in different process groups (``PipelineGroups``) so each
 group's order is simple and inference or weight exchange never interleaves with training traffic.
@@ -77,7 +78,8 @@ class Pipeline:
         if mode not in MODES:
             raise ValueError(f"pipeline_mode: unknown {mode!r}; choose one of {', '.join(MODES)}")
         P = partition.num_stages
-        self.layout = layout = layouts(model, partition)[stage]
+        every_layout = layouts(model, partition)
+        self.layout = layout = every_layout[stage]
         if mode == "async" and microbatches != 1:
             raise ValueError("microbatches: the async pipeline steps on whole batches; use "
                              "--pipeline-mode sync")
@@ -100,12 +102,25 @@ class Pipeline:
         self.infer_next = None if layout.is_last else link(stage + 1, groups.infer)
         self.weights_in = {q: link(q, groups.weights) for q in layout.live_in}
         self.weights_out = {q: link(q, groups.weights) for q in layout.live_out}
+        # Shadows several stages hold (their LAMs read the same one): in async mode each copy follows the
+        # live block with its own lag, so at the end of an epoch the copy of the last of them (the
+        # nearest to the live block, the one a checkpoint keeps) replaces the others.
+        holders: dict = {}
+        for other in every_layout:
+            for ref in other.shadows:
+                holders.setdefault(ref, []).append(other.index)
+        self._shared_shadows = [(ref, max(h), [p for p in h if p != max(h)]) for ref, h in holders.items()
+                                if len(h) > 1 and stage in h]
+        self.shadow_links = {q: link(q, groups.weights) for ref, last, others in self._shared_shadows
+                             for q in ([last] if stage != last else others)}
         self.groups = groups
         # Streams the next stage sends back that go on below this stage (sync mode handles them).
         self._passing = any(s < layout.first for _, s in layout.streams_in)
         self._steps_done = 0
         self._stale = None  # async: the previous batch's input to this stage's last modules
         self._pending: list = []  # sends started and not yet waited for: (link, request, tensor)
+        self._late: list = []  # async: the streams sent back in the last step, taken in the previous
+        # stage's next step, so waited for one step later (see _async_step)
         self._weights_sent = 0  # updates of the shadows so far (one weight message per owner each)
         self._weight_sends: list = []  # (update count, link, request, tensor) not yet waited for
 
@@ -131,8 +146,12 @@ class Pipeline:
                 t = t.detach().contiguous()
                 self._pending.append((link, link.isend(t), t))
 
-    def _wait_sends(self) -> None:
-        for link, request, _ in self._pending:
+    def _wait_sends(self, keep_streams: bool = False) -> None:
+        """Wait for the sends started so far; ``keep_streams`` (async): those of the streams sent back in
+        this step wait until the end of the next one, those of the step before are waited for now."""
+        now = self._late + [send for send in self._pending if not (keep_streams and send[0] is self.prev)]
+        self._late = [send for send in self._pending if keep_streams and send[0] is self.prev]
+        for link, request, _ in now:
             link.wait(request, "sending to")
         self._pending = []
 
@@ -211,7 +230,10 @@ class Pipeline:
             if self._stale is not None:
                 self._apply_stale_streams(*self._stale, grad_scaler)
             self._stale = (kept, images, targets, reach, torch.empty_like(h))
-        self._wait_sends()
+        # The previous stage takes this step's streams in its next step. Waiting for them here would
+        # block on it while it waits in whatever comes between steps (the trainer's all-reduce of the
+        # losses, a data-parallel reduction): a deadlock. They are waited for at the end of the next step.
+        self._wait_sends(keep_streams=True)
         return out
 
     def _apply_stale_streams(self, kept, images, targets, reach, output_like, grad_scaler) -> None:
@@ -252,14 +274,32 @@ class Pipeline:
         for q, positions in self.layout.live_in.items():
             if self._weights_sent <= self._lag(q):
                 continue  # async: nothing sent early enough yet; the shadows follow the initial weights
-            params = [p for pos in positions for p in stage.boundary_parameters(pos)]
             flat = self._weights_buffer(positions)
             self.weights_in[q].recv_into([flat])
-            offset = 0
-            for p in params:
-                p.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+            self._copy_boundary(positions, flat)
         self.model.update_shadows()
+
+    def _share_shadows(self) -> None:
+        """Async, end of an epoch: every shared shadow takes the value of its last holder's copy."""
+        for ref, last, others in self._shared_shadows:
+            shadow = self.stage.shadow(ref)
+            if self.stage_index == last:
+                flat = torch.cat([t.reshape(-1) for t in shadow.parameters()])
+                for q in others:
+                    self._pending.append((self.shadow_links[q], self.shadow_links[q].isend(flat), flat))
+            else:
+                flat = torch.cat([t.reshape(-1) for t in shadow.parameters()])
+                self.shadow_links[last].recv_into([flat])
+                offset = 0
+                for t in shadow.parameters():
+                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()
+
+    def _copy_boundary(self, positions, flat: torch.Tensor) -> None:
+        offset = 0
+        for p in (p for pos in positions for p in self.stage.boundary_parameters(pos)):
+            p.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
 
     def _weights_buffer(self, positions) -> torch.Tensor:
         params = [p for pos in positions for p in self.stage.boundary_parameters(pos)]
@@ -270,17 +310,26 @@ class Pipeline:
         (q - p + 1 for owner q and holder p); sync: 0."""
         return 0 if self.mode == "sync" else abs(holder_or_owner - self.stage_index) + 1
 
+    @torch.no_grad()
     def drain(self) -> None:
-        """Async: take the messages still under way (the last batch's streams, the last weights) so every
-        send completes; sync: nothing is ever left."""
+        """End of an epoch. Async: take the messages still under way so every send completes, and leave
+        each stage as a run resumed from this epoch's checkpoint starts: the last batch's streams are
+        dropped, the boundary copies hold their owners' newest weights, the weight lag starts again.
+        Sync: nothing is ever left."""
         if self.mode == "async":
             if self._stale is not None and self.next is not None:
                 output_like = self._stale[4]
                 self.next.recv_into([torch.empty_like(output_like) for _ in self.layout.streams_in])
                 self._stale = None
             for q, positions in self.layout.live_in.items():
-                for _ in range(min(self._weights_sent, self._lag(q))):
-                    self.weights_in[q].recv_into([self._weights_buffer(positions)])
+                flat = self._weights_buffer(positions)
+                pending = min(self._weights_sent, self._lag(q))
+                for _ in range(pending):
+                    self.weights_in[q].recv_into([flat])
+                if pending:  # the last message: the owner's weights after its last step
+                    self._copy_boundary(positions, flat)
+            self._weights_sent = 0
+            self._share_shadows()
         self._wait_sends()
         for _, link, request, _ in self._weight_sends:
             link.wait(request, "sending weights to")
@@ -323,7 +372,7 @@ class Pipeline:
 
     def _links(self) -> list[Link]:
         links = [self.prev, self.next, self.infer_prev, self.infer_next, *self.weights_in.values(),
-                 *self.weights_out.values()]
+                 *self.weights_out.values(), *self.shadow_links.values()]
         return [link for link in links if link is not None]
 
     def bytes_sent(self) -> int:

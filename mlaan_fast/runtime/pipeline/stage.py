@@ -189,14 +189,17 @@ class StageModel:
                 continue
             out[name] = t.detach().cpu()
         for ref in self.layout.shadows:
-            shadow = getattr(self.model, ref.bank).shadows[self._bank_slot[ref]]
-            for key, t in shadow.state_dict().items():
+            for key, t in self.shadow(ref).state_dict().items():
                 out[f"{ref.bank}.shadows.{ref.index}.{key}"] = t.detach().cpu()
         return out
 
     def parameter_names(self) -> list[str]:
         """Names (whole-model) of :meth:`parameters`, in order."""
         return [n for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def shadow(self, ref: ShadowRef) -> nn.Module:
+        """This stage's copy of the shadow ``ref`` (one it holds)."""
+        return getattr(self.model, ref.bank).shadows[self._bank_slot[ref]]
 
     def boundary_parameters(self, position) -> list[torch.Tensor]:
         """The parameters of a live block this stage owns, or of its boundary copy of another stage's."""
@@ -217,11 +220,12 @@ def _free(module: nn.Module) -> None:
 
 def whole_model_state(template, stage_states: list[dict]) -> dict:
     """The single-process state dict of ``template`` (a whole LocalModel on the CPU) filled from every
-    stage's :meth:`StageModel.owned_state`; a shadow held by several stages is taken from the first."""
+    stage's :meth:`StageModel.owned_state` (in stage order); a shadow held by several stages is taken from
+    the last of them, the nearest to its live block (all copies are equal in sync mode)."""
     target = template.state_dict()
     filled = set()
     with torch.no_grad():
-        for state in stage_states:
+        for state in reversed(stage_states):
             for name, t in state.items():
                 if name in filled:
                     continue
