@@ -316,14 +316,15 @@ class ShardSampler(Sampler):
 
 
 def build_loaders(train_set, test_set, batch_size: int, seed: int, workers: int, rank: int = 0,
-                  world: int = 1, pin_memory: bool = False):
-    """(train loader, its EpochSampler, test loader); ``batch_size`` is global, split over ``world`` ranks."""
+                  world: int = 1, pin_memory: bool = False, drop_last: bool = False):
+    """(train loader, its EpochSampler, test loader); ``batch_size`` is global, split over ``world`` ranks;
+    ``drop_last``: the training loader leaves out a last batch smaller than the others."""
     if batch_size % world:
         raise ValueError(f"batch_size: {batch_size} is not divisible by the {world} data-parallel ranks")
     per_rank = batch_size // world
     sampler = EpochSampler(len(train_set), seed, rank, world)
     common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=pin_memory and workers > 0)
-    train = DataLoader(train_set, batch_size=per_rank, sampler=sampler, drop_last=False, **common)
+    train = DataLoader(train_set, batch_size=per_rank, sampler=sampler, drop_last=drop_last, **common)
     test_sampler = ShardSampler(len(test_set), rank, world)
     test = DataLoader(test_set, batch_size=per_rank, sampler=test_sampler, **common)
     return train, sampler, test

@@ -335,7 +335,7 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
         replicas = dist_info.world // cfg.pipeline_stages
         replica = dist_info.rank // cfg.pipeline_stages
         loader, sampler, test_loader = build_loaders(train_set, test_set, cfg.batch_size, cfg.seed,
-                                                     cfg.workers, replica, replicas,
+                                                     cfg.workers, replica, replicas, drop_last=cfg.drop_last,
                                                      pin_memory=device.type == "cuda")
         steps = steps_per_epoch(loader, cfg.max_steps_per_epoch)
         first_batch = next(iter(loader)) if pipelined and cfg.partition == "measured" else None
@@ -391,6 +391,9 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
             summary = summarize(metrics.rows, run_dir=str(run_dir), arch=cfg.arch, method=cfg.method, K=cfg.K,
                                 dataset=cfg.dataset, device=str(device), world_size=dist_info.world,
                                 inference_parameters=n_params)
+            if cfg.compare_end_to_end and metrics.rows:
+                summary["end_to_end_comparison"] = _compare_with_end_to_end(cfg, model, loader, device, info,
+                                                                            dist_info.world, say)
             write_summary(run_dir, summary)
             if metrics.rows:
                 say(f"done: best test acc {summary['best_test_acc']:.2f}%, final "
@@ -406,6 +409,25 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
             folder.discard()
         torch.use_deterministic_algorithms(was_deterministic)
         close_distributed()
+
+
+def _compare_with_end_to_end(cfg: TrainConfig, model, loader, device, info, world: int, say) -> dict | None:
+    """The run's network and the same one trained end to end, one step each on the first training batch
+    (:mod:`mlaan_fast.train.compare`); printed, and returned for summary.json. One process only."""
+    from dataclasses import replace
+
+    from mlaan_fast.train.compare import compare_with_end_to_end, format_comparison
+
+    if world > 1:
+        say("compare_end_to_end: skipped (it measures one whole model in one process)")
+        return None
+    images, targets = _to_device(*next(iter(loader)), device, cfg.channels_last, info.num_classes)
+    local = build_for_config(cfg, info.num_classes, device, info)
+    local.load_state_dict(model.state_dict())
+    end_to_end = build_for_config(replace(cfg, method="e2e", K=1, options={}), info.num_classes, device, info)
+    result = compare_with_end_to_end(local.train(), end_to_end.train(), images, targets)
+    say(format_comparison(result, cfg.method, cfg.K, cfg.arch, device))
+    return result
 
 
 def _write_config(cfg: TrainConfig, run_dir: Path) -> None:
