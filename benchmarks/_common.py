@@ -49,7 +49,8 @@ def triton_version() -> str:
         return "none"
 
 
-def bench(fn, device, *, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 5) -> tuple[float, float, float]:
+def bench(fn, device, *, warmup_ms: float = 25, rep_ms: float = 100,
+          min_reps: int = 5) -> tuple[float, float, float]:
     """(p50, p20, p80) milliseconds of ``fn()``: CUDA events via do_bench on GPU, wall clock on CPU."""
     device = torch.device(device)
     if device.type == "cuda":

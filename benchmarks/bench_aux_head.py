@@ -39,7 +39,8 @@ from mlaan_fast.ops import aux_head_loss, available_backends, use_backend  # noq
 # (B, C, H, W, N): CIFAR ResNet module outputs at batch 1024, ImageNet ResNet head at batch 256;
 # HOST_SHAPE: so small that a step's time is the host's.
 HOST_SHAPE = (2, 16, 1, 1, 10)
-GPU_SHAPES = [(1024, 16, 32, 32, 10), (1024, 32, 16, 16, 10), (1024, 64, 8, 8, 10), HOST_SHAPE, (256, 512, 7, 7, 1000)]
+GPU_SHAPES = [(1024, 16, 32, 32, 10), (1024, 32, 16, 16, 10), (1024, 64, 8, 8, 10), HOST_SHAPE,
+              (256, 512, 7, 7, 1000)]
 CPU_SHAPES = [(256, 64, 8, 8, 10), HOST_SHAPE, (256, 512, 7, 7, 1000)]
 BASELINES = ("eager", "compile", "compile-max-autotune")
 GRAPH_BASELINES = ("eager-graph",)
@@ -101,7 +102,8 @@ def run_shape(shape, device, dtype, layout, writer, copy_gbs, quick, providers=N
     steps = {"eager": make_step(composition, x, w, b, t)}
     if not (quick and device.type == "cpu"):
         steps["compile"] = make_step(torch.compile(composition), x, w, b, t)
-        steps["compile-max-autotune"] = make_step(torch.compile(composition, mode="max-autotune-no-cudagraphs"), x, w, b, t)
+        autotuned = torch.compile(composition, mode="max-autotune-no-cudagraphs")
+        steps["compile-max-autotune"] = make_step(autotuned, x, w, b, t)
     avail = available_backends()
     backends = ["cuda", "triton"] if device.type == "cuda" else ["cpu"]
     unchecked = functools.partial(aux_head_loss, check_target=False)
@@ -136,7 +138,8 @@ def run_shape(shape, device, dtype, layout, writer, copy_gbs, quick, providers=N
             ready[name] = step
         except Exception as exc:  # a failing baseline is reported, not fatal
             print(f"  {name}: failed ({type(exc).__name__}: {exc})")
-            writer.add("aux_head_loss", name, label, "fwd+bwd", "ms", float("nan"), note=f"failed: {type(exc).__name__}")
+            writer.add("aux_head_loss", name, label, "fwd+bwd", "ms", float("nan"),
+                       note=f"failed: {type(exc).__name__}")
     if device.type == "cuda":
         quantiles = {name: bench(step, device, warmup_ms=25, rep_ms=rep_ms) for name, step in ready.items()}
     else:
@@ -188,15 +191,18 @@ def print_kernel_times(name, step, iters=20):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short timing; on CPU skip the compiled baselines")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true",
+                        help="short timing; on CPU skip the compiled baselines")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="folder for aux_head.csv (default benchmarks/results)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
     parser.add_argument("--providers", default="", help="comma list to run (default: all)")
     parser.add_argument("--profile", action="store_true", help="print per-kernel CUDA times of ours")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds; no shape is started once they are spent (shapes run in order of importance)")
+                        help="seconds; no shape is started once they are spent "
+                             "(shapes run in order of importance)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     device = torch.device(args.device)

@@ -30,7 +30,8 @@ SHADOWED_BLOCKS = {
 
 
 def cifar_block_shapes(stage: int, block: int) -> list[tuple[int, ...]]:
-    """Parameter shapes of CIFAR BasicBlock [stage, block]: two conv3x3+BN, 1x1 conv+BN shortcut at a stage start."""
+    """Parameter shapes of CIFAR BasicBlock [stage, block]: two conv3x3+BN, 1x1 conv+BN shortcut at a
+    stage start."""
     out = CIFAR_WIDTHS[stage]
     inp = CIFAR_WIDTHS[stage - 1] if block == 0 and stage > 1 else out
     shapes = [(out, inp, 3, 3), (out,), (out,), (out, out, 3, 3), (out,), (out,)]
@@ -50,7 +51,8 @@ def resnet101_shapes() -> list[tuple[int, ...]]:
 
 def parameter_sets(quick: bool, device: torch.device) -> dict[str, list[tuple[int, ...]]]:
     """The sets to time, most telling first. --quick on CPU drops ResNet-101 and 64M (GPU keeps them)."""
-    sets = {name: [s for blk in blocks for s in cifar_block_shapes(*blk)] for name, blocks in SHADOWED_BLOCKS.items()}
+    sets = {name: [s for blk in blocks for s in cifar_block_shapes(*blk)]
+            for name, blocks in SHADOWED_BLOCKS.items()}
     small = quick and device.type == "cpu"
     for n in [1 << 24] if small else [1 << 24, 1 << 26]:
         sets[f"flat_{n >> 20}M"] = [(n,)]
@@ -113,10 +115,12 @@ def ours(shadow, live, flat_s, flat_l, device):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer and smaller sizes, short repetitions")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="CSV folder (default benchmarks/results)")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds: start no new parameter set after this long (the rest are listed as skipped)")
+                        help="seconds: start no new parameter set after this long "
+                             "(the rest are listed as skipped)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rep_ms = 100 if args.quick else 400
@@ -126,8 +130,10 @@ def main(argv=None) -> int:
     writer = CsvWriter("ema", device, args.out)
     print(f"EMA update on {device_name(device)}  torch {torch.__version__}")
 
-    copy_bw = copy_bandwidth_gbs(device, numel=(1 << 24) if args.quick and device.type == "cpu" else (1 << 26))
-    writer.add("ema_update_", "copy", "fp32 copy", "bandwidth", "GB/s", copy_bw, note="device copy, read+write")
+    numel = (1 << 24) if args.quick and device.type == "cpu" else (1 << 26)
+    copy_bw = copy_bandwidth_gbs(device, numel=numel)
+    writer.add("ema_update_", "copy", "fp32 copy", "bandwidth", "GB/s", copy_bw,
+               note="device copy, read+write")
     print(f"measured copy bandwidth: {copy_bw:.1f} GB/s\n")
 
     table = []

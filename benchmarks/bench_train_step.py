@@ -318,7 +318,8 @@ def measure_alternating(arch, K, method, variants, dtype_name, args, device, bud
     results, steps = {}, {}
     for variant in variants:
         try:
-            steps[variant], results[variant] = prepare(arch, K, method, variant, dtype_name, args, device, budget)
+            steps[variant], results[variant] = prepare(arch, K, method, variant, dtype_name, args, device,
+                                                       budget)
         except BudgetSpent:
             raise
         except Exception as exc:  # this variant is reported as failed; the others go on
@@ -462,7 +463,8 @@ def main(argv=None) -> int:
                 key = (arch, K, method, dtype_name)
                 if key not in alternating:
                     group = [v for (a, k, m, v, d) in runs if (a, k, m, d) == key]
-                    alternating[key] = measure_alternating(arch, K, method, group, dtype_name, args, device, budget)
+                    alternating[key] = measure_alternating(arch, K, method, group, dtype_name, args, device,
+                                                           budget)
                 r = alternating[key][variant]
                 if isinstance(r, Exception):
                     raise r
@@ -549,7 +551,8 @@ def main(argv=None) -> int:
                 note=(f"first step's wall time less the median step; {compiled['graphs']} graphs, inductor "
                       f"cache {compiled['cache_hits']} hits / {compiled['cache_misses']} misses"),
             )
-            twin = next((t for t in EAGER_TWIN[variant] if (arch, K, method, dtype_name, t) in variant_ms), None)
+            twin = next((t for t in EAGER_TWIN[variant] if (arch, K, method, dtype_name, t) in variant_ms),
+                        None)
             if twin is not None:
                 writer.add(
                     "train_step",

@@ -126,7 +126,7 @@ def render_train_step(rows: list[dict]) -> list[str]:
         e2e_act = {k[0]: c["act_peak"] for k, c in cells.items() if k[2] == "e2e" and "act_peak" in c}
         for k in sorted(cells, key=order):
             c = cells[k]
-            get = lambda metric: _num(c[metric]["p50"]) if metric in c else ""  # noqa: E731
+            get = lambda metric, c=c: _num(c[metric]["p50"]) if metric in c else ""  # noqa: E731
             line = [
                 k[0],
                 str(k[1]),
