@@ -128,4 +128,5 @@ def test_configs_with_model_options_at_the_top_level_still_load(tmp_path):
 
 def test_resume_keys_are_the_settings_that_change_the_training_path():
     assert set(RESUME_KEYS) == {"dataset", "epochs", "batch_size", "drop_last", "lr", "momentum", "nesterov",
-                                "weight_decay", "warmup_epochs", "amp", "seed", "max_steps_per_epoch"}
+                                "weight_decay", "warmup_epochs", "amp", "seed", "max_steps_per_epoch",
+                                "precise_bn"}

@@ -43,12 +43,13 @@ _PAPER_COMMON = dict(momentum=0.9, nesterov=True, weight_decay=1e-4)
 # Short runs that finish in minutes on a laptop CPU (the no-argument demonstration is "digits").
 # Both sets live in memory, so loading in the main process (workers=0) is cheapest.
 # digits: 1,348 training images make 42 steps of 32 an epoch. Evaluated after each epoch, the
-# network must already hold sensible BatchNorm running statistics after the first: no warm-up
-# ramping the rate up to its peak at that moment, a peak the statistics can follow, and no last
-# batch of 4 images (its statistics and its gradient step land right before the evaluation).
+# network must already hold sensible BatchNorm statistics after the first: no warm-up ramping the
+# rate up to its peak at that moment, no last batch of 4 images (its statistics and its gradient
+# step land right before the evaluation), and statistics recomputed on 256 training images before
+# each evaluation (the running averages lag the first epoch's fast-moving weights).
 _DEMO = {
     "digits": dict(arch="resnet20", method="mlaan", K=4, epochs=4, batch_size=32, lr=0.02, warmup_epochs=0,
-                   weight_decay=5e-4, workers=0, drop_last=True, compare_end_to_end=True),
+                   weight_decay=5e-4, workers=0, drop_last=True, precise_bn=256, compare_end_to_end=True),
     "synthetic": dict(arch="resnet20", method="mlaan", K=2, epochs=1, batch_size=32, lr=0.05,
                       warmup_epochs=0, workers=0),
 }
@@ -94,6 +95,9 @@ class TrainConfig:
     drop_last: bool = setting(False, "leave out each epoch's last batch when it is smaller than the others "
                               "(its BatchNorm statistics and its step come from a few images)", boolean,
                               group=_OPT, resume=True)
+    precise_bn: int = setting(0, "before each evaluation, recompute the backbone's BatchNorm running "
+                              "statistics from this many training images (0: keep the running averages)",
+                              integer(0), group=_OPT, resume=True)
     lr: float = setting(0.02, "peak learning rate (after warm-up)", number(0, lo_open=True), group=_OPT,
                         resume=True)
     momentum: float = setting(0.9, "SGD momentum", number(0, 1, hi_open=True), group=_OPT, resume=True)
@@ -160,6 +164,8 @@ class TrainConfig:
         """What a module pipeline cannot be combined with, refused with the reason."""
         conflicts = (("cuda_graphs", self.cuda_graphs, "a captured graph cannot wait for other stages"),
                      ("compile", self.compile, "compiling a stage's share of the model is not supported"),
+                     ("precise_bn", self.precise_bn > 0, "the backbone is split over the stages; pass "
+                      "--precise-bn 0"),
                      ("overlap", self.overlap, "a pipeline stage already overlaps with the others"),
                      ("amp fp16", self.amp == "fp16", "the gradient scaler would skip steps stage by stage; "
                       "use --amp bf16"))

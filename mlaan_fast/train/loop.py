@@ -367,6 +367,8 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
             stats = train_one_epoch(runner, loader, optimizer, scheduler, scaler, cfg, device, dist_info,
                                     epoch, steps, info.num_classes, show_progress=verbose)
             runner.drain()  # an async pipeline ends each epoch as a run resumed from its checkpoint starts
+            if cfg.precise_bn:
+                _recompute_batchnorm(model, loader, cfg, device, info.num_classes)
             runner.broadcast_buffers()  # BatchNorm statistics of the first replica, as DDP does
             test_loss, test_acc = evaluate(runner, test_loader, device, cfg.amp, cfg.channels_last,
                                            info.num_classes)
@@ -409,6 +411,16 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
             folder.discard()
         torch.use_deterministic_algorithms(was_deterministic)
         close_distributed()
+
+
+def _recompute_batchnorm(model, loader, cfg: TrainConfig, device, num_classes: int) -> None:
+    """Before evaluating: the backbone's BatchNorm statistics from the epoch's first ``cfg.precise_bn``
+    training images (:mod:`mlaan_fast.train.precise_bn`); each data-parallel rank uses its own shard."""
+    from mlaan_fast.train.precise_bn import recompute_batchnorm_statistics
+
+    batches = (_to_device(images, targets, device, cfg.channels_last, num_classes)[0]
+               for images, targets in loader)
+    recompute_batchnorm_statistics(model.local_modules, batches, cfg.precise_bn)
 
 
 def _compare_with_end_to_end(cfg: TrainConfig, model, loader, device, info, world: int, say) -> dict | None:
