@@ -268,3 +268,17 @@ def test_a_dead_or_silent_stage_stops_the_others_with_its_name(tmp_path, fault):
     assert "PipelineError" in message or "RuntimeError" in message
     assert ckpt.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1  # intact, loads
 
+
+
+def test_async_trains_the_digits_demo_as_well_as_sync(tmp_path):
+    """The decoupled pipeline (one step of staleness across the cut) reaches the synchronous pipeline's
+    test accuracy on the offline demo over the same epochs, within 3 points."""
+    accuracy = {}
+    for mode in ("sync", "async"):
+        settings = {"out": str(tmp_path / mode), "pipeline_stages": 2, "pipeline_mode": mode, "workers": 0,
+                    "device": "cpu", "precise_bn": 0, "comm_timeout": 120}  # a split backbone: no precise BN
+        spawn(_train_worker, 2, settings, None, None, str(tmp_path / mode))
+        assert not list(tmp_path.glob(f"{mode}.rank*")), (tmp_path / f"{mode}.rank0").read_text()
+        summary = json.loads((tmp_path / mode / "summary.json").read_text())
+        accuracy[mode] = summary["final_test_acc"]
+    assert min(accuracy.values()) > 90 and abs(accuracy["async"] - accuracy["sync"]) <= 3.0, accuracy
