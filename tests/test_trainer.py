@@ -186,6 +186,20 @@ def test_resume_continues_bitwise(trained, tmp_path):
         assert rows_full[1][key] == rows_resumed[1][key]
 
 
+def test_resume_with_precise_bn_continues_bitwise(tmp_path):
+    """The statistics recomputed before each evaluation (on 24 images: a batch and a half) are those a
+    resumed run starts from, and the test metrics use them."""
+    whole = loop.train(tiny(tmp_path, "whole", precise_bn=24), verbose=False).run_dir
+    loop.train(tiny(tmp_path, "halves", precise_bn=24), verbose=False, stop_after=1)
+    halves = tmp_path / "halves"
+    loop.train(tiny(tmp_path, "halves", precise_bn=24), resume=str(halves / "last.pt"), verbose=False)
+    full, resumed = ckpt.load_checkpoint(whole / "last.pt"), ckpt.load_checkpoint(halves / "last.pt")
+    assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
+    assert read_metrics(whole)[1]["test_loss"] == read_metrics(halves)[1]["test_loss"]
+    plain = loop.train(tiny(tmp_path, "plain"), verbose=False).run_dir
+    assert read_metrics(plain)[0]["test_loss"] != read_metrics(whole)[0]["test_loss"]  # it did something
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_trains(tmp_path, amp):
     loop.train(
