@@ -19,7 +19,6 @@ ValueError naming the first one before any kernel runs, at the cost of one host 
 on a GPU (none on a CPU, none while a CUDA graph is being captured). Unchecked, nothing syncs and
 such a target gives a NaN loss and NaN gradients, never a number.
 """
-from __future__ import annotations
 
 import contextlib
 import contextvars

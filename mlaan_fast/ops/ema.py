@@ -6,12 +6,11 @@ refuses shadows that share memory with each other or with a live tensor, and run
 one pass over a multi-tensor table; ``csrc/ema/``), ``triton`` (the custom op
 ``mlaan_fast::ema_update_triton_``, one launch). Both ops have a fake kernel for ``torch.compile``.
 """
-from __future__ import annotations
-
 import functools
 import numbers
 from itertools import repeat
 from operator import attrgetter
+from typing import List  # noqa: UP035 (torch 2.6 infers custom-op schemas from typing.List only)
 
 import torch
 
@@ -151,7 +150,7 @@ def _update_fake(shadow, live, decay) -> None:
 
 
 @torch.library.custom_op("mlaan_fast::ema_update_triton_", mutates_args=("shadow",))
-def _triton_update(shadow: list[torch.Tensor], live: list[torch.Tensor], decay: float) -> None:
+def _triton_update(shadow: List[torch.Tensor], live: List[torch.Tensor], decay: float) -> None:  # noqa: UP006
     """The contract of mlaan_fast::ema_update_ in one Triton launch (opaque to torch.compile: it
     builds a table of raw addresses)."""
     kernels = _kernels()
