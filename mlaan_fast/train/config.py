@@ -162,6 +162,12 @@ class TrainConfig:
 
     def _check_pipeline(self) -> None:
         """What a module pipeline cannot be combined with, refused with the reason."""
+        from mlaan_fast.runtime.pipeline.engine import check_torch_release
+
+        try:
+            check_torch_release()
+        except ValueError as exc:
+            raise ValueError(f"pipeline_stages={self.pipeline_stages}: {exc}") from None
         conflicts = (("cuda_graphs", self.cuda_graphs, "a captured graph cannot wait for other stages"),
                      ("compile", self.compile, "compiling a stage's share of the model is not supported"),
                      ("precise_bn", self.precise_bn > 0, "the backbone is split over the stages; pass "

@@ -44,6 +44,18 @@ from mlaan_fast.runtime.pipeline.stage import (
 from mlaan_fast.runtime.step import MicroBatchScale, combine_microbatches
 
 MODES = ("sync", "async")
+# torch 2.6's gloo process group deadlocked in our tests when destroyed after the pipeline's
+# point-to-point traffic (its destructor joins a worker thread that waits for the GIL).
+MIN_TORCH = (2, 7)
+
+
+def check_torch_release() -> None:
+    """Refuse (ValueError) a torch older than MIN_TORCH for the module pipeline."""
+    release = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    if release < MIN_TORCH:
+        raise ValueError(f"the module pipeline needs torch >= {'.'.join(map(str, MIN_TORCH))}, this is torch "
+                         f"{torch.__version__} (its gloo process group can hang at shutdown after "
+                         "point-to-point traffic); upgrade torch or run without --pipeline-stages")
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,7 @@ class Pipeline:
                  template=None):
         if mode not in MODES:
             raise ValueError(f"pipeline_mode: unknown {mode!r}; choose one of {', '.join(MODES)}")
+        check_torch_release()
         P = partition.num_stages
         every_layout = layouts(model, partition)
         self.layout = layout = every_layout[stage]
