@@ -91,11 +91,15 @@ fi
 # 2. What got built and which backends work.
 run info 60 $PY -m mlaan_fast info
 
-# 3. The GPU tests.
+# 3. The GPU tests. With pytest-xdist (on the GPU image) they run in one worker process that is
+#    replaced when a test crashes it: the crash fails that test and the rest still run. The first
+#    crashed test is then run once more under cuda-gdb for its native backtrace (logs/crash.log).
 say "pytest -m gpu"
 PYTEST_LIMIT=$(min 150 $(( $(left) * 35 / 100 )))
 [ "$PYTEST_LIMIT" -ge 5 ] || PYTEST_LIMIT=5
-timeout -k 10 "$PYTEST_LIMIT" $PY -m pytest -m gpu -q -p no:cacheprovider -rs tests \
+ISOLATE=()
+$PY -c "import xdist" 2> /dev/null && ISOLATE=(-p xdist -n 1)
+timeout -k 10 "$PYTEST_LIMIT" $PY -m pytest -m gpu -q -p no:cacheprovider -rs "${ISOLATE[@]}" tests \
   > "$WORK/pytest_gpu.log" 2>&1
 rc=$?
 tail -n 15 "$WORK/pytest_gpu.log" | tee -a "$LOG"
@@ -104,6 +108,13 @@ case $rc in
   124|137) printf 'pytest -m gpu\tTIMEOUT\t-\t%s\n' "see pytest_gpu.log" >> "$STATUS" ;;
   *) printf 'pytest -m gpu\tFAILED\t-\t%s\n' "$(tail -n 1 "$WORK/pytest_gpu.log" | tr '\t|' '  ')" >> "$STATUS" ;;
 esac
+CRASHED=$(grep -o "crashed while running '[^']*'" "$WORK/pytest_gpu.log" | head -n 1 | cut -d"'" -f2)
+if [ -n "$CRASHED" ] && command -v cuda-gdb > /dev/null; then
+  say "native backtrace of the crash in $CRASHED"
+  run crash_backtrace "$(min 120 $(( $(left) / 5 )))" cuda-gdb -q -batch -ex "set pagination off" -ex run \
+    -ex "thread apply all bt 40" --args $PY -m pytest -q -p no:cacheprovider "$CRASHED"
+  grep -A 40 "SIGSEGV\|SIGABRT\|signal" "$WORK/logs/crash_backtrace.log" | head -n 60 >> "$LOG"
+fi
 
 # 4. Every benchmark, each with a share of what is left (weights: train step 3, aux head 2, others 1).
 #    The train step runs every variant; 'compiled' (torch.compile: minutes of compiling) comes last.

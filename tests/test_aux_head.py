@@ -519,17 +519,37 @@ def test_gpu_backward_is_deterministic(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_gpu_bad_target_and_non_finite(backend):
+def test_gpu_bad_target_raises(backend):
     x, w, b, t = make_inputs(8, 16, 4, 4, 10, "nchw", device="cuda")
-    bad_t = t.clone()
-    bad_t[5] = 10
+    t[5] = 10
     with use_backend(backend), pytest.raises(ValueError, match=r"target\[5\] = 10"):
-        aux_head_loss(x, w, b, bad_t)
+        aux_head_loss(x, w, b, t)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("entry", ["torch.ops", "_C"])
+def test_gpu_cpp_composite_op_bad_target_raises(entry):
+    """The C++ composite op's own range check on CUDA, through the dispatcher and through _C's entry."""
+    from mlaan_fast._C import aux_head_loss as direct
+
+    x, w, b, t = make_inputs(8, 16, 4, 4, 10, "nchw", device="cuda")
+    t[5] = 10
+    op = OPS.aux_head_loss.default if entry == "torch.ops" else direct
+    with pytest.raises(ValueError, match=r"target\[5\] = 10"):
+        op(x, w, b, t, "mean", 0.0, True)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_non_finite_features_give_nan(backend):
+    x, w, b, t = make_inputs(8, 16, 4, 4, 10, "nchw", device="cuda")
     x = x.detach().clone()
     x[3, 2, 1, 1] = float("nan")
     with use_backend(backend):
         per_sample = aux_head_loss(x, w, b, t, reduction="none")
-    assert torch.isnan(per_sample[3]) and torch.isfinite(per_sample[torch.arange(8) != 3]).all()
+    others = torch.arange(8, device="cuda") != 3
+    assert torch.isnan(per_sample[3]) and torch.isfinite(per_sample[others]).all()
 
 
 @pytest.mark.gpu
