@@ -88,7 +88,9 @@ def graphed(step):
     return graph.replay
 
 
-def run_shape(shape, device, dtype, layout, writer, copy_gbs, quick, providers=None, profile=False):
+def build_steps(shape, device, dtype, layout, quick, providers=None):
+    """({provider: step}, [our providers], features, label) of one shape: every provider that can
+    run on ``device`` (``providers``: only these). A step is one forward + backward."""
     B, C, H, W, N = shape
     label = f"B{B}-C{C}-{H}x{W}-N{N}-{str(dtype).replace('torch.', '')}-{layout}"
     x = torch.randn(B, C, H, W, device=device, dtype=dtype)
@@ -99,11 +101,16 @@ def run_shape(shape, device, dtype, layout, writer, copy_gbs, quick, providers=N
     b = torch.zeros(N, device=device, requires_grad=True)
     t = torch.randint(0, N, (B,), device=device)
 
+    def wanted(name):
+        return not providers or name in providers
+
     steps = {"eager": make_step(composition, x, w, b, t)}
     if not (quick and device.type == "cpu"):
-        steps["compile"] = make_step(torch.compile(composition), x, w, b, t)
-        autotuned = torch.compile(composition, mode="max-autotune-no-cudagraphs")
-        steps["compile-max-autotune"] = make_step(autotuned, x, w, b, t)
+        if wanted("compile"):
+            steps["compile"] = make_step(torch.compile(composition), x, w, b, t)
+        if wanted("compile-max-autotune"):
+            autotuned = torch.compile(composition, mode="max-autotune-no-cudagraphs")
+            steps["compile-max-autotune"] = make_step(autotuned, x, w, b, t)
     avail = available_backends()
     backends = ["cuda", "triton"] if device.type == "cuda" else ["cpu"]
     unchecked = functools.partial(aux_head_loss, check_target=False)
@@ -118,7 +125,7 @@ def run_shape(shape, device, dtype, layout, writer, copy_gbs, quick, providers=N
     if device.type == "cuda":
         # Graph capture skips the target check (no host sync may happen inside a capture).
         for name in ["eager"] + [n for n in backends if avail[n][0]]:
-            if providers and f"{name}-graph" not in providers:
+            if not wanted(f"{name}-graph"):
                 continue
             try:
                 steps[f"{name}-graph"] = graphed(steps[f"{name}-nocheck" if name != "eager" else name])
@@ -129,7 +136,11 @@ def run_shape(shape, device, dtype, layout, writer, copy_gbs, quick, providers=N
                 ours.append(f"{name}-graph")
     if providers:
         steps = {k: v for k, v in steps.items() if k in providers}
+    return steps, ours, x, label
 
+
+def run_shape(shape, device, dtype, layout, writer, copy_gbs, quick, providers=None, profile=False):
+    steps, ours, x, label = build_steps(shape, device, dtype, layout, quick, providers)
     rep_ms = 60 if quick else 300
     ready = {}
     for name, step in steps.items():
@@ -219,6 +230,39 @@ def main(argv=None):
         run_shape(shape, device, dtype, args.layout, writer, copy_gbs, args.quick,
                   providers=[p for p in args.providers.split(",") if p], profile=args.profile)
     print(f"rows appended to {writer.path}")
+
+
+
+# --- pytest-benchmark (benchmarks/conftest.py): the steps above, one test per shape and provider ----
+
+QUICK_SHAPES = {"cpu": [(64, 64, 8, 8, 10), HOST_SHAPE], "cuda": [(1024, 64, 8, 8, 10), HOST_SHAPE]}
+
+
+def pytest_generate_tests(metafunc):
+    if "aux_head_case" not in metafunc.fixturenames:
+        return
+    device = metafunc.config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    full = metafunc.config.getoption("--bench-full")
+    shapes = (GPU_SHAPES if device == "cuda" else CPU_SHAPES) if full else QUICK_SHAPES[device]
+    providers = ["eager"] + (["compile"] if full else [])
+    providers += ["cuda", "cuda-nocheck", "triton", "triton-nocheck", "eager-graph", "cuda-graph",
+                  "triton-graph"] if device == "cuda" else ["cpu", "cpu-nocheck"]
+    cases = [(shape, p) for shape in shapes for p in providers]
+    metafunc.parametrize("aux_head_case", cases, ids=[f"{'x'.join(map(str, s))}-{p}" for s, p in cases])
+
+
+def test_aux_head_loss(aux_head_case, timed, bench_device, bench_full):
+    """Forward + backward of one provider at one shape (fp32, NCHW)."""
+    import pytest
+
+    shape, provider = aux_head_case
+    backend = provider.split("-")[0]
+    if backend in ("cpu", "cuda", "triton") and not available_backends()[backend][0]:
+        pytest.skip(f"{backend}: {available_backends()[backend][1]}")
+    steps, _, _, _ = build_steps(shape, bench_device, torch.float32, "nchw", not bench_full, [provider])
+    step = steps[provider]
+    step()  # warm-up: compilation, lazy initialisation
+    timed(step)
 
 
 if __name__ == "__main__":

@@ -62,8 +62,9 @@ def parameter_sets(quick: bool, device: torch.device) -> dict[str, list[tuple[in
     return sets
 
 
-def baselines(shadow, live):
-    """The PyTorch ways to do the update, each a zero-argument callable."""
+def baselines(shadow, live, compile: bool = True):
+    """The PyTorch ways to do the update, each a zero-argument callable (``compile``: with the
+    torch.compile'd foreach, compiled here)."""
     w = 1.0 - DECAY
     own = [s.clone() for s in shadow]  # per_param rebinds .data: keep it off the shared tensors
 
@@ -78,14 +79,12 @@ def baselines(shadow, live):
     def foreach_lerp():
         torch._foreach_lerp_(shadow, live, w)
 
-    compiled = torch.compile(lambda s, t: torch._foreach_lerp_(s, t, w))
-    compiled(shadow, live)  # compile outside the timed region
-
-    def compile_foreach():
-        compiled(shadow, live)
-
-    return {"per_param": per_param, "lerp_loop": lerp_loop, "foreach_lerp": foreach_lerp,
-            "compile_foreach": compile_foreach}
+    out = {"per_param": per_param, "lerp_loop": lerp_loop, "foreach_lerp": foreach_lerp}
+    if compile:
+        compiled = torch.compile(lambda s, t: torch._foreach_lerp_(s, t, w))
+        compiled(shadow, live)  # compile outside the timed region
+        out["compile_foreach"] = lambda: compiled(shadow, live)
+    return out
 
 
 def ours(shadow, live, flat_s, flat_l, device):
@@ -180,6 +179,43 @@ def main(argv=None) -> int:
                   f"{times['foreach_lerp'] / t:>9.2f}x {times['per_param'] / t:>11.2f}x")
     print(f"\nrows appended to {writer.path}")
     return 0
+
+
+# --- pytest-benchmark (benchmarks/conftest.py): the providers above, one test per set and provider --
+
+def pytest_generate_tests(metafunc):
+    if "ema_case" not in metafunc.fixturenames:
+        return
+    device = metafunc.config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    full = metafunc.config.getoption("--bench-full")
+    sets = list(parameter_sets(not full, torch.device(device)))
+    if not full:
+        sets = sets[:1]  # resnet32_k16: the shadows of the default preset
+    providers = ["per_param", "lerp_loop", "foreach_lerp"] + (["compile_foreach"] if full else [])
+    for name in ["cuda", "triton"] if device == "cuda" else ["cpu"]:
+        providers += [f"{name}_list", f"{name}_flat"]
+    cases = [(s, p) for s in sets for p in providers]
+    metafunc.parametrize("ema_case", cases, ids=[f"{s}-{p}" for s, p in cases])
+
+
+def test_ema_update(ema_case, timed, bench_device, bench_full):
+    """One EMA update of a whole parameter set (fp32)."""
+    import pytest
+
+    set_name, provider = ema_case
+    backend = provider.rsplit("_", 1)[0]
+    if backend in ("cpu", "cuda", "triton") and not available_backends()[backend][0]:
+        pytest.skip(f"{backend}: {available_backends()[backend][1]}")
+    shapes = parameter_sets(not bench_full, bench_device)[set_name]
+    shadow = [torch.randn(s, device=bench_device) for s in shapes]
+    live = [torch.randn(s, device=bench_device) for s in shapes]
+    flat_s = torch.cat([t.reshape(-1) for t in shadow])
+    flat_l = torch.cat([t.reshape(-1) for t in live])
+    providers = {**baselines(shadow, live, compile=provider == "compile_foreach"),
+                 **ours(shadow, live, flat_s, flat_l, bench_device)}
+    fn = providers[provider]
+    fn()  # warm-up
+    timed(fn)
 
 
 if __name__ == "__main__":

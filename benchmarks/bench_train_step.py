@@ -611,5 +611,50 @@ def main(argv=None) -> int:
     return 0
 
 
+# --- pytest-benchmark (benchmarks/conftest.py): the steps above, one test per configuration -------
+
+# Quick sizes: the default preset's (arch, K) at a batch whose CPU step takes a fraction of a second,
+# and the configurations behind the README's main claims; --bench-full: every method and variant.
+QUICK_BATCH = {"cpu": 4, "cuda": 256}
+QUICK_RUNS = {("e2e", "fused"), ("mlaan", "straightforward"), ("mlaan", "scheduled"), ("mlaan", "graphed"),
+              ("dgl+mlaan", "scheduled")}
+
+
+def pytest_generate_tests(metafunc):
+    if "train_case" not in metafunc.fixturenames:
+        return
+    device = metafunc.config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    full = metafunc.config.getoption("--bench-full")
+    batch = (1024 if device == "cuda" else 64) if full else QUICK_BATCH[device]
+    configs = CONFIGS[:2] if full else CONFIGS[:1]
+    variants = ["straightforward", "fused", "scheduled"] + (["graphed"] if device == "cuda" else [])
+    cases = []
+    for arch, K in configs:
+        for method in METHODS:
+            if method == "e2e" and any(c[0] == arch and c[2] == "e2e" for c in cases):
+                continue  # e2e has no K: once per arch
+            for variant in variants:
+                if variant == "scheduled" and "mlaan" not in method:
+                    continue  # nothing to schedule without cascade windows
+                if variant == "graphed" and "mlaan" not in method and method != "e2e":
+                    continue
+                if not full and (method, variant) not in QUICK_RUNS:
+                    continue
+                cases.append((arch, 1 if method == "e2e" else K, method, variant, batch))
+    metafunc.parametrize("train_case", cases, ids=[f"{a}-K{k}-{m}-{v}-B{b}" for a, k, m, v, b in cases])
+
+
+def test_train_step(train_case, timed, bench_device, bench_full):
+    """One training step (local forwards/backwards, SGD, EMA) of one configuration, fp32."""
+    arch, K, method, variant, batch = train_case
+    torch.manual_seed(0)
+    model, ema = build(arch, K, method, variant, bench_device)
+    images, targets = _batch(batch, bench_device)
+    step, _ = make_step(model, ema, images, targets, None, bench_device, graphed=variant == "graphed")
+    step()  # lazy initialisation, optimizer state
+    step()  # graphed: the capture
+    timed(step, rounds=None if bench_full else 3)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,12 +21,12 @@ from mlaan_fast.models import build_model
 from mlaan_fast.runtime import LocalStep
 from mlaan_fast.runtime.distributed import GradientReducer
 from mlaan_fast.runtime.pipeline import Pipeline, even_partition, layouts, make_groups
+from mlaan_fast.runtime.pipeline.engine import pipeline_supported
 from mlaan_fast.train import checkpoint as ckpt
 from mlaan_fast.train import loop
 from mlaan_fast.train.config import resolve_config
 
-TORCH_RELEASE = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-pytestmark = pytest.mark.skipif(TORCH_RELEASE < (2, 7), reason="the module pipeline needs torch >= 2.7")
+pytestmark = pytest.mark.skipif(not pipeline_supported(), reason="the module pipeline needs torch >= 2.7")
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from mlaan_fast.models import build_model
+from mlaan_fast.runtime.pipeline.engine import pipeline_supported
 from mlaan_fast.train.config import resolve_config
 from mlaan_fast.train.precise_bn import recompute_batchnorm_statistics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-PIPELINE_TORCH = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 7)
 
 
 def test_statistics_are_the_average_over_the_batches():
@@ -50,7 +50,7 @@ def test_a_local_models_backbone_changes_and_nothing_else():
 def test_the_demo_uses_it_and_a_pipeline_refuses_it():
     assert resolve_config({}).precise_bn == 256
     assert resolve_config({"dataset": "cifar10"}).precise_bn == 0
-    if PIPELINE_TORCH:
+    if pipeline_supported():
         with pytest.raises(ValueError, match="precise_bn"):
             resolve_config({"pipeline_stages": 2})
         assert resolve_config({"pipeline_stages": 2, "precise_bn": 0}).pipeline_stages == 2

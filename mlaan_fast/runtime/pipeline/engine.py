@@ -49,10 +49,14 @@ MODES = ("sync", "async")
 MIN_TORCH = (2, 7)
 
 
+def pipeline_supported() -> bool:
+    """True when this torch release is at least MIN_TORCH."""
+    return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= MIN_TORCH
+
+
 def check_torch_release() -> None:
     """Refuse (ValueError) a torch older than MIN_TORCH for the module pipeline."""
-    release = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-    if release < MIN_TORCH:
+    if not pipeline_supported():
         raise ValueError(f"the module pipeline needs torch >= {'.'.join(map(str, MIN_TORCH))}, this is torch "
                          f"{torch.__version__} (its gloo process group can hang at shutdown after "
                          "point-to-point traffic); upgrade torch or run without --pipeline-stages")
