@@ -26,16 +26,20 @@ OPTION_PREFIX = "option:"  # argparse dest of the model-option flags
 
 
 def _model_option_items(items: list[str]) -> dict:
-    """``--model-option KEY=VALUE`` items -> {KEY: VALUE parsed as YAML}."""
+    """``--model-option KEY=VALUE`` items -> {KEY: VALUE parsed as YAML; nan/inf read as floats, as
+    the numeric flags read them, so that the option's own check refuses them by name}."""
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--model-option: expected KEY=VALUE, got {item!r}")
         try:
-            options[key] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             raise ValueError(f"--model-option {key}: cannot read the value {value!r}") from None
+        if isinstance(parsed, str) and parsed.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            parsed = float(parsed)
+        options[key] = parsed
     return options
 
 

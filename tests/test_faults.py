@@ -429,6 +429,8 @@ BAD_VALUES = {
     "device-cuda-x": (["--device", "cuda:x"], None, ["device: unknown 'cuda:x'"]),
     "backend-unknown": ([], "MLAAN_FAST_BACKEND=bogus", ["MLAAN_FAST_BACKEND: unknown backend 'bogus'",
                                                          "set it to one of: reference, cpu"]),
+    "batch-larger-than-dataset": (["--batch-size", "100000", "--drop-last"], None,
+                                  ["batch_size: 100000 is larger than the", "--no-drop-last"]),
     "backend-wrong-case": ([], "MLAAN_FAST_BACKEND=CPU", ["unknown backend 'CPU'"]),
     "backend-unusable-triton": ([], "MLAAN_FAST_BACKEND=triton", ["backend 'triton' was forced but is "
                                                                   "unavailable", "unset MLAAN_FAST_BACKEND"]),

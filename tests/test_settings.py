@@ -78,6 +78,8 @@ BAD_FLAGS = [
     (["--s", "0"], "--s: must be >= 1"),
     (["--model-option", "fused=maybe"], "--fused: expected true or false, got 'maybe'"),
     (["--model-option", "w_casc=.nan"], "--w-casc: must be a finite number"),
+    (["--model-option", "w_casc=nan"], "--w-casc: must be a finite number, got nan"),
+    (["--model-option", "w_ind=-inf"], "--w-ind: must be a finite number, got -inf"),
     (["--model-option", "foo=1"], "unknown model option(s) foo"),
     (["--model-option", "fused"], "--model-option: expected KEY=VALUE"),
     (["--warmup-epochs", "5", "--epochs", "2"], "warmup_epochs: must be in [0, epochs=2]"),
@@ -113,6 +115,7 @@ def test_bad_yaml_values_name_the_file_and_the_setting(values, exc, words, tmp_p
     with pytest.raises(exc) as info:
         resolve_config({}, path)
     assert str(info.value).startswith(f"--config {path}: ") and words in str(info.value)
+    assert str(info.value).count("--config") == 1, "the file is named once"
 
 
 def test_configs_with_model_options_at_the_top_level_still_load(tmp_path):

@@ -277,7 +277,8 @@ def _checked(values: dict, where: str | None) -> dict:
                for k, v in values.items() if k != "options"}
         out["options"] = check_options(values["options"], label)
     except (TypeError, ValueError) as exc:
-        raise type(exc)(str(exc) if where is None else f"{where}: {exc}") from None
+        named = where is None or str(exc).startswith(where)
+        raise type(exc)(str(exc) if named else f"{where}: {exc}") from None
     if not out["options"]:
         del out["options"]
     return out

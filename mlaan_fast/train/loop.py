@@ -338,6 +338,14 @@ def train(cfg: TrainConfig, resume: str | None = None, verbose: bool = True,
                                                      cfg.workers, replica, replicas, drop_last=cfg.drop_last,
                                                      pin_memory=device.type == "cuda")
         steps = steps_per_epoch(loader, cfg.max_steps_per_epoch)
+        if steps == 0:
+            if replicas > 1:
+                size = (f"{cfg.batch_size} ({loader.batch_size} per process) is larger than this process's "
+                        f"{len(loader.sampler)}")
+            else:
+                size = f"{cfg.batch_size} is larger than the {len(train_set)}"
+            raise ValueError(f"batch_size: {size} training images, and drop_last leaves out a short batch: "
+                             "no step would train; use a smaller --batch-size or --no-drop-last")
         first_batch = next(iter(loader)) if pipelined and cfg.partition == "measured" else None
         runner = build_runner(cfg, model, device, dist_info, first_batch,
                               lambda: build_for_config(cfg, info.num_classes, torch.device("cpu"), info), say)
