@@ -93,7 +93,8 @@ run info 60 $PY -m mlaan_fast info
 
 # 3. The GPU tests. With pytest-xdist (on the GPU image) they run in one worker process that is
 #    replaced when a test crashes it: the crash fails that test and the rest still run. The first
-#    crashed test is then run once more under cuda-gdb for its native backtrace (logs/crash.log).
+#    crashed test is then run once more under cuda-gdb for its native backtrace
+#    (logs/crash_backtrace.log in extras.tar.gz, its top in run.log).
 say "pytest -m gpu"
 PYTEST_LIMIT=$(min 150 $(( $(left) * 35 / 100 )))
 [ "$PYTEST_LIMIT" -ge 5 ] || PYTEST_LIMIT=5
@@ -108,7 +109,12 @@ case $rc in
   124|137) printf 'pytest -m gpu\tTIMEOUT\t-\t%s\n' "see pytest_gpu.log" >> "$STATUS" ;;
   *) printf 'pytest -m gpu\tFAILED\t-\t%s\n' "$(tail -n 1 "$WORK/pytest_gpu.log" | tr '\t|' '  ')" >> "$STATUS" ;;
 esac
-CRASHED=$(grep -o "crashed while running '[^']*'" "$WORK/pytest_gpu.log" | head -n 1 | cut -d"'" -f2)
+# The C++ error paths on CPU tensors too: on this image they have never run (CI has no GPU image),
+# and a crash in them tells a broken exception path apart from a CUDA-only one.
+run cpp_error_paths "$(min 90 $(( $(left) / 6 )))" $PY -m pytest -q -p no:cacheprovider "${ISOLATE[@]}" \
+  tests/test_aux_head_errors.py tests/test_ema_errors.py
+CRASHED=$(cat "$WORK/pytest_gpu.log" "$WORK/logs/cpp_error_paths.log" 2> /dev/null \
+          | grep -o "crashed while running '[^']*'" | head -n 1 | cut -d"'" -f2)
 if [ -n "$CRASHED" ] && command -v cuda-gdb > /dev/null; then
   say "native backtrace of the crash in $CRASHED"
   run crash_backtrace "$(min 120 $(( $(left) / 5 )))" cuda-gdb -q -batch -ex "set pagination off" -ex run \
