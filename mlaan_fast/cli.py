@@ -216,7 +216,13 @@ def _say(command: str, message: str) -> None:
     """One line on stderr, after clearing any progress bar the failure left open."""
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
-        bar.close()
+        try:
+            bar.close()
+        except AttributeError:
+            # A Ctrl-C that lands inside tqdm's constructor leaves a registered bar without its
+            # position; it has drawn nothing: forget it, so that its finalizer does nothing either.
+            bar.disable = True
+            type(bar)._instances.discard(bar)
     print(f"mlaan-fast {command}: {message}", file=sys.stderr, flush=True)
 
 
