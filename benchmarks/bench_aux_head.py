@@ -232,7 +232,6 @@ def main(argv=None):
     print(f"rows appended to {writer.path}")
 
 
-
 # --- pytest-benchmark (benchmarks/conftest.py): the steps above, one test per shape and provider ----
 
 QUICK_SHAPES = {"cpu": [(64, 64, 8, 8, 10), HOST_SHAPE], "cuda": [(1024, 64, 8, 8, 10), HOST_SHAPE]}
