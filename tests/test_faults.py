@@ -608,8 +608,8 @@ def test_ctrl_c_dropped_in_a_finalizer_still_stops_the_run(tmp_path, capsys, mon
 
 
 def test_the_error_line_survives_a_bar_interrupted_in_its_constructor(capsys):
-    """A Ctrl-C inside tqdm's constructor leaves a registered bar with no position (seen once in CI
-    as an AttributeError traceback instead of the resume line): the one-line message still comes."""
+    """A Ctrl-C inside tqdm's constructor leaves a registered bar with no position (seen once in a loaded
+    full-suite run, as an AttributeError traceback instead of the resume line): the one line still comes."""
     import tqdm
 
     from mlaan_fast import cli
