@@ -111,6 +111,24 @@ def nvidia_wheel_includes():
     return [d for d in found if os.path.isdir(d)]
 
 
+def torch_libstdcxx():
+    """The shared C++ runtime (libstdc++) this process, with torch loaded, runs on; [] if none is seen.
+
+    Named on the link line so that _C uses torch's own runtime even where the compiler would link
+    its static libstdc++.a into a shared object (seen on a GCC whose library folder holds only the
+    archive, and that also links shared objects -Bsymbolic): a second, private copy of the C++
+    runtime inside _C crashed the process on the first error message built from several parts
+    (its own locale state), where a one-literal message went through."""
+    import torch  # noqa: F401  (loads libstdc++)
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    except OSError:
+        return []
+    return sorted(paths)[:1]
+
+
 # Layout (README, "Fused operators"): csrc/<op>/ and csrc/common/ hold the C++ (g++), kernels/ the
 # CUDA device code (nvcc); includes are relative to csrc/ and kernels/.
 cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
@@ -131,7 +149,7 @@ if WITH_CUDA:
             "nvcc": ["-O3", "-lineinfo"]
             + [f"-Xcompiler=-idirafter,{d}" for d in nvidia_wheel_includes()],
         },
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + torch_libstdcxx(),
     )
 else:
     ext = CppExtension(
@@ -140,7 +158,7 @@ else:
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + torch_libstdcxx(),
     )
 
 setup(

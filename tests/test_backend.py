@@ -196,3 +196,15 @@ def test_cuda_sources_were_compiled_where_nvcc_exists():
     import mlaan_fast._C as ext
 
     assert ext.with_cuda == 1, "nvcc is on PATH but mlaan_fast._C was built without its CUDA kernels"
+
+
+def test_cpp_error_messages_arrive_whole():
+    """_C shares torch's C++ runtime: a message assembled from several parts (numbers formatted by the
+    C++ streams) arrives whole. With a private static libstdc++ in _C it came back cut after its first
+    part here and crashed the process on the GPU image (setup.py's torch_libstdcxx)."""
+    bad = [torch.zeros(3, dtype=torch.float64)]
+    with pytest.raises(TypeError, match=r"^ema_update_: shadow\[0\] must be float32"):
+        torch.ops.mlaan_fast.ema_update_(bad, bad, 0.5)
+    features, weight, target = torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0, 1, 9, 2])
+    with pytest.raises(ValueError, match=r"target\[2\] = 9 is outside the class range \[0, 5\)"):
+        torch.ops.mlaan_fast.aux_head_loss(features, weight, None, target, "mean", 0.0, True)

@@ -36,11 +36,10 @@ def test_graph_replay_matches_eager(method, overlap):
     torch.manual_seed(0)
     eager = build_model("resnet20", K=4, method=method).cuda()
     graphed_model = copy.deepcopy(eager)
-    graphed_model.options = {**graphed_model.options, "overlap": overlap}
     g = torch.Generator(device="cuda").manual_seed(1)
     batches = [(torch.randn(32, 3, 32, 32, device="cuda", generator=g),
                 torch.randint(0, 10, (32,), device="cuda", generator=g)) for _ in range(5)]
-    step = GraphedLocalStep(graphed_model, warmup=2)
+    step = GraphedLocalStep(graphed_model, warmup=2, overlap=overlap)
     want = _train(eager, 5, eager.local_step, batches)
     got = _train(graphed_model, 5, step, batches)
     assert step.num_graphs == 1  # steps 3..5 replayed the graph captured at step 3

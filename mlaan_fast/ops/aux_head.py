@@ -81,9 +81,8 @@ def aux_head_loss(features, weight, bias, target, *, reduction="mean", label_smo
         direct = not (torch.compiler.is_compiling() or has_torch_function((features, weight, bias, target)))
         op = _CPP_DIRECT if direct else _CPP_LOSS
         if check and backend == "cuda" and direct:
-            # Checked here, so that a bad target is a Python ValueError: the C++ op raising it on CUDA
-            # crashed the process on the first GPU run (H200, torch 2.11; cause not yet found,
-            # see benchmarks/gpu_check.sh's crash backtrace). Same single host sync.
+            # Checked here (the same single host sync), so that a bad CUDA target is refused before
+            # any kernel runs, in Python.
             if not _capturing(target):
                 check_target_range(target, weight.shape[0])
             check = False
