@@ -226,7 +226,8 @@ def main(argv=None) -> int:
                 res = pipeline(args, P, mode, *extra)
             results.setdefault((kind, P, label), []).append(res)
             step_s = statistics.median(res[0]["times"])
-            print(f"round {r + 1}: {kind} P={P} {label}: {args.batch / step_s:.1f} images/s", flush=True)
+            images = args.batch * (P if kind == "data-parallel" else 1)  # each DP rank has its own batch
+            print(f"round {r + 1}: {kind} P={P} {label}: {images / step_s:.1f} images/s", flush=True)
 
     base = [statistics.median(run[0]["times"]) for run in results[("single", 1, "1 thread")]]
     for (kind, P, label), runs in results.items():

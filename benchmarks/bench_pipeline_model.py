@@ -61,8 +61,9 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="+", default=["resnet32:16", "resnet110:55"], help="ARCH:K")
     parser.add_argument("--method", default="mlaan")
     parser.add_argument("--batch", type=int, default=1024, help="the batch the link carries")
-    parser.add_argument("--profile-batch", type=int, default=64,
-                        help="the batch the module times are measured at")
+    parser.add_argument("--profile-batch", type=int, default=None,
+                        help="the batch the module times are measured at (default: --batch on a GPU, where a "
+                             "small batch is launch-bound and would not scale; 64 on a CPU)")
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--microbatches", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--bandwidth-gbs", type=float, default=450.0)
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.configs = args.configs[:1]
     device = torch.device(args.device)
+    if args.profile_batch is None:
+        args.profile_batch = args.batch if device.type == "cuda" else 64
     csv = CsvWriter("pipeline_model", device, args.out)
     for config in args.configs:
         arch, K = config.split(":")
