@@ -578,7 +578,8 @@ def test_gpu_forward_op_bad_target_raises(op):
     torch.cuda.synchronize()
 
 
-def _count_syncs(fn):
+def _syncs(fn) -> list[str]:
+    """The synchronizing CUDA operations ``fn`` ran (torch's sync debug warnings, where they came from)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -586,7 +587,7 @@ def _count_syncs(fn):
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(c.message) for c in caught)
+    return [f"{c.filename}:{c.lineno}: {c.message}" for c in caught if "synchroniz" in str(c.message)]
 
 
 @pytest.mark.gpu
@@ -596,8 +597,10 @@ def test_gpu_forward_syncs_once_when_checking_never_otherwise(backend):
     with use_backend(backend):
         aux_head_loss(x, w, b, t)  # warm up: backend choice, compilation
         torch.cuda.synchronize()
-        assert _count_syncs(lambda: aux_head_loss(x, w, b, t)) == 1
-        assert _count_syncs(lambda: aux_head_loss(x, w, b, t, check_target=False)) == 0
+        checked = _syncs(lambda: aux_head_loss(x, w, b, t))
+        assert len(checked) == 1, checked
+        unchecked = _syncs(lambda: aux_head_loss(x, w, b, t, check_target=False))
+        assert unchecked == []
 
 
 @pytest.mark.gpu
