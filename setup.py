@@ -123,7 +123,8 @@ def torch_libstdcxx():
 
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+            # address perms offset dev inode path (the path may hold spaces)
+            paths = {line.split(None, 5)[-1].strip() for line in maps if "/libstdc++.so" in line}
     except OSError:
         return []
     return sorted(paths)[:1]
